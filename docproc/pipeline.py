@@ -1,0 +1,81 @@
+"""The whole pipeline in one process: every HTTP function behind one WSGI app, and every
+event function subscribed either to the in-process bus (no AMQP_URL) or to RabbitMQ."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from werkzeug.wrappers import Request, Response
+
+from docproc.registry import EVENT_FUNCTIONS, HTTP_FUNCTIONS
+from docproc.runtime import Services, build_services
+from events.bus import InProcessBus
+from events.runner import RabbitRunner
+from events.subscriptions import RetryPolicy
+from shared.config import Settings
+from shared.errors import ApiError
+from shared.http import error_response, json_response, matches
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        policy = RetryPolicy(settings.retry_delays)
+        self.bus: InProcessBus | None = None
+        self.runners: list[RabbitRunner] = []
+        self._threads: list[threading.Thread] = []
+        if settings.amqp_url:
+            self.services = build_services(settings)
+            for name, make in EVENT_FUNCTIONS.items():
+                self.runners.append(RabbitRunner(
+                    settings.amqp_url, settings.amqp_prefix, make(self.services), policy,
+                    settings.worker_concurrency))
+        else:
+            self.bus = InProcessBus(policy, settings.dead_letter_dir,
+                                    concurrency=min(settings.worker_concurrency, 4))
+            self.services = build_services(settings, publisher=self.bus)
+            for make in EVENT_FUNCTIONS.values():
+                self.bus.subscribe(make(self.services))
+
+    @property
+    def svc(self) -> Services:
+        return self.services
+
+    def start(self) -> Pipeline:
+        if self.bus is not None:
+            self.bus.start()
+        for runner in self.runners:
+            t = threading.Thread(target=runner.run, name=f"worker-{runner.sub.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        for runner in self.runners:
+            if not runner.ready.wait(15):
+                raise RuntimeError(f"worker {runner.sub.name} could not subscribe to RabbitMQ")
+        return self
+
+    def stop(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.bus is not None:
+            self.bus.stop()
+        self.services.close()
+
+    def wsgi_app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        request = Request(environ)
+        response = self.route(request)
+        return response(environ, start_response)
+
+    def route(self, request: Request) -> Response:
+        if request.path in ("/healthz", "/readyz"):
+            return json_response({"status": "ok"})
+        for fn in HTTP_FUNCTIONS:
+            if matches(fn.routes, request):
+                return fn.handle(self.services, request)
+        return error_response(ApiError(404, "not_found", f"no route for {request.path}"))

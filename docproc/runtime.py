@@ -1,0 +1,128 @@
+"""Everything a function needs, built once per process from the settings.
+
+Each dependency is chosen by configuration alone: a real service when its variable is set,
+the embedded stand-in otherwise (README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from events.publisher import AmqpPublisher, HttpSinkPublisher, Publisher
+from events.subscriptions import RetryPolicy
+from shared.blobstore import BlobStore
+from shared.cache import Cache, MemoryCache, RedisCache
+from shared.config import Settings, load_settings
+from shared.deliveries import DeliveryRepository
+from shared.documents import DocumentRepository
+from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
+from shared.links import LinkSigner, load_link_key
+from shared.mongo import MongoHandle, open_mongo
+from shared.push import FcmSender, OutboxSender, PushSender
+from shared.users import UserRepository
+
+log = logging.getLogger(__name__)
+
+
+class NoTransport(Exception):
+    pass
+
+
+@dataclass
+class Services:
+    settings: Settings
+    mongo: MongoHandle
+    documents: DocumentRepository
+    users: UserRepository
+    deliveries: DeliveryRepository
+    blobs: BlobStore
+    keys: KeyProvider
+    cache: Cache
+    links: LinkSigner
+    push: PushSender
+    publisher: Publisher | None = None
+    _closers: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.settings.retry_delays)
+
+    def publish(self, event: Any) -> None:
+        if self.publisher is None:
+            raise NoTransport(
+                "no event transport: set AMQP_URL (RabbitMQ) or K_SINK (Knative), "
+                "or run every function together with `docproc serve`"
+            )
+        self.publisher.publish(event)
+
+    def close(self) -> None:
+        for closer in (self.publisher, self.push, self.cache):
+            close = getattr(closer, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %r", closer)
+        self.mongo.close()
+
+
+def build_services(settings: Settings, publisher: Publisher | None = None) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mongo = open_mongo(settings)
+    cache: Cache = (
+        RedisCache(settings.redis_url, settings.redis_prefix) if settings.redis_url else MemoryCache()
+    )
+    keys: KeyProvider = (
+        KmsKeyProvider(settings.kms_key_id) if settings.kms_key_id
+        else LocalKeyring(settings.keys_dir)
+    )
+    push: PushSender = (
+        FcmSender(settings.firebase_credentials, endpoint=settings.fcm_endpoint)
+        if settings.firebase_credentials else OutboxSender(settings.outbox_path)
+    )
+    if publisher is None:
+        if settings.amqp_url:
+            publisher = AmqpPublisher(settings.amqp_url, settings.amqp_prefix,
+                                      settings.retry_delays)
+        elif settings.k_sink:
+            publisher = HttpSinkPublisher(settings.k_sink)
+    svc = Services(
+        settings=settings,
+        mongo=mongo,
+        documents=DocumentRepository(mongo.db),
+        users=UserRepository(mongo.db, cache),
+        deliveries=DeliveryRepository(mongo.db),
+        blobs=BlobStore(settings.efs_root),
+        keys=keys,
+        cache=cache,
+        links=LinkSigner(load_link_key(settings.link_key, settings.keys_dir), settings.public_url),
+        push=push,
+        publisher=publisher,
+    )
+    for repo in (svc.documents, svc.users, svc.deliveries):
+        repo.ensure_indexes()
+    return svc
+
+
+_current: Services | None = None
+_lock = threading.Lock()
+
+
+def services() -> Services:
+    """The process's services, built from the environment on first use."""
+    global _current
+    if _current is None:
+        with _lock:
+            if _current is None:
+                _current = build_services(load_settings())
+    return _current
+
+
+def install(svc: Services | None) -> None:
+    """Make ``svc`` the process's services (``docproc serve``, tests)."""
+    global _current
+    with _lock:
+        _current = svc

@@ -1,0 +1,164 @@
+"""The RabbitMQ subscriber runner: feeds one function's queue to its handler.
+
+pika's BlockingConnection is single-threaded, so handlers run on a small thread pool and
+hand their outcome back to the connection thread (``add_callback_threadsafe``), where the
+message is acked, or re-published to a delay queue (retry with backoff) or to the
+dead-letter queue, each publish confirmed by the broker before the original is acked. A
+crash at any point leaves the message unacked, so the broker redelivers it: delivery is at
+least once and handlers are idempotent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pika
+from pika.exceptions import AMQPConnectionError, AMQPError
+
+from events import amqp_codec, topology
+from events.subscriptions import RetryPolicy, Subscription, describe
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_HEADER = "x-docproc-attempt"
+ERROR_HEADER = "x-docproc-last-error"
+DEAD_REASON_HEADER = "x-docproc-dead-letter-reason"
+RECONNECT_DELAY = 2.0
+
+
+class RabbitRunner:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        subscription: Subscription,
+        policy: RetryPolicy,
+        concurrency: int = 4,
+    ) -> None:
+        self.params = pika.URLParameters(url)
+        self.prefix = prefix
+        self.sub = subscription
+        self.policy = policy
+        self.concurrency = concurrency
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Consume until ``stop()``; reconnects after broker outages."""
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except (AMQPConnectionError, AMQPError, OSError) as exc:
+                self.ready.clear()
+                if self._stop.is_set():
+                    break
+                log.warning("%s: broker connection lost (%s); reconnecting", self.sub.name, exc)
+                self._stop.wait(RECONNECT_DELAY)
+
+    def _consume(self) -> None:
+        conn = pika.BlockingConnection(self.params)
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"{self.sub.name}-handler")
+        try:
+            chan = conn.channel()
+            chan.confirm_delivery()
+            topology.declare(chan, self.prefix, self.policy.delays)
+            chan.basic_qos(prefetch_count=self.concurrency)
+            on_message = functools.partial(self._on_message, conn, pool)
+            chan.basic_consume(topology.queue(self.prefix, self.sub.name), on_message)
+            self.ready.set()
+            log.info("%s: consuming %s", self.sub.name, topology.queue(self.prefix, self.sub.name))
+            while not self._stop.is_set():
+                conn.process_data_events(time_limit=0.2)
+        finally:
+            self.ready.clear()
+            # Unacked messages go back to the queue when the connection closes.
+            pool.shutdown(wait=True, cancel_futures=True)
+            if conn.is_open:
+                try:
+                    conn.close()
+                except AMQPError:
+                    pass
+
+    def _on_message(
+        self,
+        conn: pika.BlockingConnection,
+        pool: ThreadPoolExecutor,
+        chan: Any,
+        method: Any,
+        props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        pool.submit(self._work, conn, chan, method.delivery_tag, props, body)
+
+    def _work(
+        self,
+        conn: pika.BlockingConnection,
+        chan: Any,
+        tag: int,
+        props: pika.BasicProperties,
+        body: bytes,
+    ) -> None:
+        error: BaseException | None = None
+        started = time.monotonic()
+        try:
+            event = amqp_codec.decode(props, body)
+            self.sub.handler(event)
+        except Exception as exc:
+            error = exc
+            log.warning("%s: handler failed for message %s: %s",
+                        self.sub.name, props.message_id, describe(exc))
+        else:
+            log.debug("%s: handled %s in %.3fs", self.sub.name, props.message_id,
+                      time.monotonic() - started)
+        settle = functools.partial(self._settle, chan, tag, props, body, error)
+        try:
+            conn.add_callback_threadsafe(settle)
+        except (AMQPError, AttributeError, RuntimeError) as exc:
+            # The connection died while we worked; the broker will redeliver the message.
+            log.warning("%s: could not settle message %s: %s", self.sub.name,
+                        props.message_id, exc)
+
+    def _settle(
+        self,
+        chan: Any,
+        tag: int,
+        props: pika.BasicProperties,
+        body: bytes,
+        error: BaseException | None,
+    ) -> None:
+        if not chan.is_open:
+            return
+        if error is None:
+            chan.basic_ack(tag)
+            return
+        headers = dict(props.headers or {})
+        attempt = int(headers.get(ATTEMPT_HEADER, 1))
+        delay = self.policy.delay_after(attempt, error)
+        headers[ATTEMPT_HEADER] = attempt + 1
+        headers[ERROR_HEADER] = describe(error)
+        if delay is None:
+            headers[ATTEMPT_HEADER] = attempt
+            headers[DEAD_REASON_HEADER] = describe(error)
+            target = topology.dead_letter_queue(self.prefix, self.sub.name)
+            log.error("%s: dead-lettering message %s after %d attempt(s): %s",
+                      self.sub.name, props.message_id, attempt, describe(error))
+        else:
+            target = topology.retry_queue(self.prefix, self.sub.name, delay)
+        new_props = pika.BasicProperties(
+            content_type=props.content_type,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=props.message_id,
+            type=props.type,
+            headers=headers,
+        )
+        # Confirmed before the ack: a crash in between redelivers, never loses.
+        chan.basic_publish("", target, body, new_props, mandatory=True)
+        chan.basic_ack(tag)

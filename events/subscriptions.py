@@ -1,0 +1,54 @@
+"""Who consumes what: one subscription per event-driven function, and how failures retry.
+
+This table is the one place the routing lives; the RabbitMQ topology, the in-process bus and
+the Knative Triggers (knative/) all follow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cloudevents.http import CloudEvent
+
+from events.catalog import DOCUMENT_REJECTED, DOCUMENT_STORED, DOCUMENT_UPLOADED
+from events.cloudevent import MalformedEvent
+
+Handler = Callable[[CloudEvent], None]
+
+ROUTES: dict[str, tuple[str, ...]] = {
+    "storage": (DOCUMENT_UPLOADED,),
+    "notification": (DOCUMENT_STORED, DOCUMENT_REJECTED),
+}
+
+
+@dataclass(frozen=True)
+class Subscription:
+    name: str
+    handler: Handler
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return ROUTES[self.name]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff delays between attempts; after the last one the event is dead-lettered."""
+
+    delays: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0)
+
+    @property
+    def max_attempts(self) -> int:
+        return len(self.delays) + 1
+
+    def delay_after(self, attempt: int, error: BaseException) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to dead-letter now."""
+        if isinstance(error, MalformedEvent) or attempt > len(self.delays):
+            return None
+        return self.delays[attempt - 1]
+
+
+def describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text[:1000]

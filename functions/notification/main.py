@@ -1,0 +1,107 @@
+"""Notification function, subscribed to document.stored and document.rejected.
+
+Sends the uploader's devices an FCM message carrying the document id, its status and, when
+stored, the download link; removes tokens FCM reports unregistered; records the delivery.
+The delivery record makes the handler idempotent: a redelivered or duplicated event sends
+nothing more, and a retry after a partial failure only reaches the devices still missing it.
+Run alone with ``functions-framework --source functions/notification/main.py
+--target notification --signature-type cloudevent``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from docproc.runtime import Services, services
+from events.catalog import DocumentRejected, DocumentStored
+from events.cloudevent import MalformedEvent, validate
+from events.subscriptions import Subscription, describe
+from shared.push import PushMessage
+
+log = logging.getLogger(__name__)
+
+# Longer than one FCM round trip to every device of a user, short enough that a crashed
+# worker's claim is soon taken over by a redelivery.
+LEASE_SECONDS = 60.0
+
+
+class PushNotDelivered(Exception):
+    """FCM asked us to come back later for some devices; the event is retried."""
+
+
+def handle(svc: Services, event: CloudEvent) -> None:
+    data = validate(event)
+    if not isinstance(data, DocumentStored | DocumentRejected):
+        raise MalformedEvent(f"notification does not handle {event['type']}")
+    key = str(event["id"])
+    delivery = svc.deliveries.claim(key, data.document_id, data.owner, LEASE_SECONDS)
+    if delivery.completed:
+        log.info("delivery %s already completed; nothing sent", key)
+        return
+    try:
+        _deliver(svc, key, data, delivery.sent_tokens)
+    except BaseException as exc:
+        svc.deliveries.release(key, describe(exc))
+        raise
+
+
+def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
+             already: set[str]) -> None:
+    user = svc.users.get(data.owner)
+    tokens = [d.token for d in user.devices] if user and user.status == "active" else []
+    messages = [_message(token, data) for token in tokens if token not in already]
+    results = svc.push.send(messages) if messages else []
+    sent = 0
+    unregistered: list[str] = []
+    later: list[str] = []
+    failed: list[str] = []
+    for result in results:
+        if result.outcome == "sent":
+            svc.deliveries.mark_sent(key, result.token, result.message_id)
+            sent += 1
+        elif result.outcome == "unregistered":
+            unregistered.append(result.token)
+        elif result.outcome == "retry":
+            later.append(result.token)
+        else:
+            failed.append(result.token)
+            log.warning("push to a device of %s failed for good: %s", data.owner, result.error)
+    if unregistered:
+        svc.users.remove_tokens(data.owner, unregistered)
+    if later:
+        raise PushNotDelivered(f"{len(later)} device(s) to retry")
+    svc.deliveries.complete(key, {
+        "devices": len(tokens),
+        "sent": len(already) + sent,
+        "unregistered": len(unregistered),
+        "failed": len(failed),
+    })
+
+
+def _message(token: str, data: DocumentStored | DocumentRejected) -> PushMessage:
+    if isinstance(data, DocumentStored):
+        return PushMessage(
+            token=token,
+            title="Document stored",
+            body=f"{data.filename} is stored and ready to download.",
+            data={"document_id": data.document_id, "status": "stored",
+                  "download_url": data.download_url},
+        )
+    return PushMessage(
+        token=token,
+        title="Document not accepted",
+        body=f"{data.filename} was not accepted: {data.reason}"[:240],
+        data={"document_id": data.document_id, "status": "rejected", "reason": data.reason},
+    )
+
+
+def subscription(svc: Services) -> Subscription:
+    return Subscription("notification", lambda event: handle(svc, event))
+
+
+@functions_framework.cloud_event
+def notification(event: CloudEvent) -> None:
+    handle(services(), event)

@@ -1,0 +1,147 @@
+"""Storage function (the seed's Document Storage Service), subscribed to document.uploaded.
+
+Verifies the staged object (size, SHA-256, every chunk's authentication), sniffs the real
+media type, extracts basic metadata, and either makes the staged object the stored one (a
+rename: staging already used the final envelope format, so no second encryption pass) and
+records its sealed download link, or rejects it with a reason. Either way it announces the
+outcome. Run alone with ``functions-framework --source functions/storage/main.py
+--target storage --signature-type cloudevent``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from docproc.runtime import Services, services
+from events.catalog import (
+    DOCUMENT_REJECTED,
+    DOCUMENT_STORED,
+    DocumentRejected,
+    DocumentStored,
+    DocumentUploaded,
+)
+from events.cloudevent import data_as, make_event
+from events.subscriptions import Subscription
+from shared.blobstore import Area
+from shared.documents import Document, Status
+from shared.envelope import EnvelopeError, EnvelopeReader, decrypt_stream
+from shared.inspection import SNIFF_BYTES, InvalidDocument, extract_metadata, sniff
+from shared.sealed import seal, unseal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Verdict:
+    status: Status
+    media_type: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def handle(svc: Services, event: CloudEvent) -> None:
+    data = data_as(event, DocumentUploaded)
+    doc = svc.documents.get(data.document_id)
+    if doc is None:
+        # The upload was withdrawn before it was acknowledged; nothing to store.
+        log.warning("document %s from event %s does not exist", data.document_id, event["id"])
+        return
+    if doc.status != Status.PROCESSING:
+        # A redelivery after the outcome was recorded: announce it again (same event id, so
+        # consumers see a duplicate, not a second outcome).
+        _announce(svc, doc)
+        return
+    area = Area.STAGING if svc.blobs.exists(Area.STAGING, doc.id) else Area.OBJECTS
+    data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
+    verdict = _examine(svc, doc, area, data_key)
+    if verdict.status == Status.STORED:
+        if area == Area.STAGING:
+            svc.blobs.promote(doc.id)
+        link = svc.links.sign(doc.id, svc.settings.link_ttl_seconds)
+        finished = svc.documents.finish(
+            doc.id, Status.STORED, media_type=verdict.media_type, metadata=verdict.metadata,
+            download_url_enc=seal(data_key, link.url.encode(), doc.id.encode()),
+            download_url_expires=datetime.fromtimestamp(link.expires, UTC),
+        )
+    else:
+        finished = svc.documents.finish(doc.id, verdict.status, reason=verdict.reason,
+                                        media_type=verdict.media_type)
+    current = finished or svc.documents.get(doc.id)
+    if current is not None:
+        _announce(svc, current)
+
+
+def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdict:
+    aad = doc.id.encode()
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    try:
+        with svc.blobs.open(area, doc.id) as source:
+            for chunk in decrypt_stream(data_key, source, associated_data=aad):
+                if len(head) < SNIFF_BYTES:
+                    head += chunk[: SNIFF_BYTES - len(head)]
+                digest.update(chunk)
+                size += len(chunk)
+    except EnvelopeError as exc:
+        return Verdict(Status.FAILED, reason=f"stored object failed its integrity check: {exc}")
+    if size != doc.size or digest.hexdigest() != doc.sha256:
+        return Verdict(Status.FAILED, reason="stored object does not match the upload's checksum")
+    media_type = sniff(head)
+    allowed = svc.settings.allowed_types
+    if media_type is None or media_type not in allowed:
+        return Verdict(Status.REJECTED, media_type=media_type,
+                       reason=f"content is {media_type or 'of an unknown type'}, "
+                              f"accepted types are {', '.join(allowed)}")
+    if media_type != doc.declared_type:
+        return Verdict(Status.REJECTED, media_type=media_type,
+                       reason=f"declared {doc.declared_type} but the content is {media_type}")
+    try:
+        with svc.blobs.open(area, doc.id) as source:
+            metadata = extract_metadata(media_type, EnvelopeReader(data_key, source,
+                                                                   associated_data=aad))
+    except InvalidDocument as exc:
+        return Verdict(Status.REJECTED, media_type=media_type, reason=str(exc))
+    return Verdict(Status.STORED, media_type=media_type, metadata=metadata)
+
+
+def _announce(svc: Services, doc: Document) -> None:
+    source = svc.settings.event_source
+    if doc.status == Status.STORED:
+        data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
+        assert doc.download_url_enc is not None and doc.download_url_expires is not None
+        url = unseal(data_key, doc.download_url_enc, doc.id.encode()).decode()
+        event = make_event(
+            DOCUMENT_STORED, source, doc.id,
+            DocumentStored(document_id=doc.id, owner=doc.owner, filename=doc.filename,
+                           media_type=doc.media_type or doc.declared_type, size=doc.size,
+                           sha256=doc.sha256, download_url=url,
+                           download_url_expires=int(doc.download_url_expires.timestamp())),
+            event_id=f"{doc.id}.stored",
+        )
+    else:
+        # Whatever is left of a document that was not stored is useless: remove it.
+        svc.blobs.delete(Area.STAGING, doc.id)
+        event = make_event(
+            DOCUMENT_REJECTED, source, doc.id,
+            DocumentRejected(document_id=doc.id, owner=doc.owner, filename=doc.filename,
+                             reason=doc.reason or "not accepted"),
+            event_id=f"{doc.id}.{doc.status.value}",
+        )
+    svc.publish(event)
+
+
+def subscription(svc: Services) -> Subscription:
+    return Subscription("storage", lambda event: handle(svc, event))
+
+
+@functions_framework.cloud_event
+def storage(event: CloudEvent) -> None:
+    handle(services(), event)

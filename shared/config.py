@@ -1,0 +1,197 @@
+"""One settings model for every function and command, read from the environment.
+
+Each external service is optional: leaving its variable unset selects the embedded stand-in
+(README, "Configuration"). A bad value fails at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_ALLOWED_TYPES = (
+    "application/pdf",
+    "image/jpeg",
+    "image/png",
+    "image/tiff",
+    "image/heic",
+)
+DEFAULT_PORT = 8080
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", frozen=True,
+        populate_by_name=True,
+    )
+
+    amqp_url: str | None = Field(default=None, validation_alias="AMQP_URL")
+    mongodb_uri: str | None = Field(default=None, validation_alias="MONGODB_URI")
+    mongodb_database: str = Field(default="docproc", validation_alias="MONGODB_DATABASE")
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    data_dir: Path = Field(default=Path(".docproc"), validation_alias="DOCPROC_DATA_DIR")
+    efs_root_override: Path | None = Field(default=None, validation_alias="EFS_ROOT")
+    kms_key_id: str | None = Field(default=None, validation_alias="KMS_KEY_ID")
+    firebase_credentials: Path | None = Field(
+        default=None, validation_alias="FIREBASE_CREDENTIALS"
+    )
+    fcm_endpoint: str | None = Field(default=None, validation_alias="FCM_ENDPOINT")
+    public_url_override: str | None = Field(default=None, validation_alias="DOCPROC_PUBLIC_URL")
+    port: int = Field(
+        default=DEFAULT_PORT, ge=1, le=65535, validation_alias=AliasChoices("DOCPROC_PORT", "PORT")
+    )
+    max_upload_bytes: int = Field(
+        default=50 * MIB, gt=0, validation_alias="DOCPROC_MAX_UPLOAD_BYTES"
+    )
+    allowed_types: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=DEFAULT_ALLOWED_TYPES, validation_alias="DOCPROC_ALLOWED_TYPES"
+    )
+    link_ttl_seconds: int = Field(
+        default=7 * 24 * 3600, gt=0, validation_alias="DOCPROC_LINK_TTL_SECONDS"
+    )
+    link_key: str | None = Field(default=None, validation_alias="DOCPROC_LINK_KEY")
+    # Prefix of RabbitMQ exchange and queue names; lets several installations (or test runs)
+    # share one broker without seeing each other's events.
+    amqp_prefix: str = Field(
+        default="docproc", pattern=r"^[A-Za-z0-9_.-]+$", validation_alias="DOCPROC_AMQP_PREFIX"
+    )
+    redis_prefix: str = Field(default="docproc:", validation_alias="DOCPROC_REDIS_PREFIX")
+    # Knative's SinkBinding/ContainerSource inject K_SINK; when set, events go there over HTTP.
+    k_sink: str | None = Field(default=None, validation_alias="K_SINK")
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        default=(1.0, 5.0, 30.0, 120.0), validation_alias="DOCPROC_RETRY_DELAYS"
+    )
+    worker_concurrency: int = Field(
+        default=4, ge=1, le=256, validation_alias="DOCPROC_WORKER_CONCURRENCY"
+    )
+    event_source: str = Field(default="/docproc", validation_alias="DOCPROC_EVENT_SOURCE")
+
+    @field_validator("allowed_types", mode="before")
+    @classmethod
+    def _split_types(cls, value: object) -> object:
+        if isinstance(value, str):
+            items = tuple(t.strip().lower() for t in value.split(",") if t.strip())
+            if not items:
+                raise ValueError("must list at least one media type")
+            for item in items:
+                if item.count("/") != 1 or " " in item:
+                    raise ValueError(f"{item!r} is not a media type like application/pdf")
+            return items
+        return value
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                delays = tuple(float(v) for v in value.split(",") if v.strip())
+            except ValueError as exc:
+                raise ValueError("must be comma-separated seconds, e.g. 1,5,30") from exc
+            if any(d < 0 for d in delays):
+                raise ValueError("delays must not be negative")
+            return delays
+        return value
+
+    @field_validator("amqp_url", "mongodb_uri", "redis_url", "kms_key_id", "k_sink", "link_key",
+                     "fcm_endpoint", "public_url_override", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # An exported-but-empty variable means "not configured", as shells make that easy.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("firebase_credentials", "efs_root_override", mode="before")
+    @classmethod
+    def _blank_path_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("mongodb_uri")
+    @classmethod
+    def _mongo_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError("must start with mongodb:// or mongodb+srv://")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("public_url_override", "fcm_endpoint", "k_sink")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value.startswith(("http://", "https://")):
+                raise ValueError("must be an http:// or https:// URL")
+            return value.rstrip("/")
+        return value
+
+    @field_validator("firebase_credentials")
+    @classmethod
+    def _credentials_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @cached_property
+    def efs_root(self) -> Path:
+        return self.efs_root_override or self.data_dir / "efs"
+
+    @cached_property
+    def public_url(self) -> str:
+        return self.public_url_override or f"http://127.0.0.1:{self.port}"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_dir / "outbox" / "notifications.jsonl"
+
+    @property
+    def embedded_mongo_dir(self) -> Path:
+        return self.data_dir / "mongo"
+
+    @property
+    def dead_letter_dir(self) -> Path:
+        return self.data_dir / "dead-letters"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; turn pydantic's report into one line per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "settings"
+            field = Settings.model_fields.get(name)
+            alias = field.validation_alias if field is not None else None
+            if isinstance(alias, AliasChoices):
+                variable = str(alias.choices[0])
+            else:
+                variable = str(alias) if alias else name.upper()
+            lines.append(f"{variable}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None

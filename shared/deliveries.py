@@ -1,0 +1,95 @@
+"""Notification deliveries: the idempotency record that keeps a push from being sent twice.
+
+One record per announced outcome (document id + status). A handler claims it with a lease
+(the in-progress state); tokens are marked sent one by one, so a retry after a partial
+failure only sends to the devices that have not had the message yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from shared.documents import utcnow
+
+
+class DeliveryInProgress(Exception):
+    """Another worker holds the lease; the event is retried later."""
+
+
+@dataclass
+class Delivery:
+    key: str
+    completed: bool
+    sent_tokens: set[str] = field(default_factory=set)
+
+
+class DeliveryRepository:
+    def __init__(self, db: Database[dict[str, Any]]) -> None:
+        self.col: Collection[dict[str, Any]] = db["deliveries"]
+
+    def ensure_indexes(self) -> None:
+        self.col.create_index("document_id", name="document")
+
+    def claim(self, key: str, document_id: str, owner: str, lease: float) -> Delivery:
+        now = utcnow()
+        until = now + timedelta(seconds=lease)
+        try:
+            raw = self.col.find_one_and_update(
+                {
+                    "_id": key,
+                    "state": {"$ne": "completed"},
+                    "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}],
+                },
+                {
+                    "$set": {"state": "in_progress", "lease_until": until, "updated_at": now},
+                    "$setOnInsert": {
+                        "document_id": document_id,
+                        "owner": owner,
+                        "created_at": now,
+                        "sent": [],
+                    },
+                    "$inc": {"attempts": 1},
+                },
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:
+            # The record exists but did not match: completed, or leased by someone else.
+            existing = self.col.find_one({"_id": key}) or {}
+            if existing.get("state") == "completed":
+                return Delivery(key=key, completed=True)
+            raise DeliveryInProgress(key) from None
+        assert raw is not None
+        return Delivery(
+            key=key,
+            completed=False,
+            sent_tokens={s["token"] for s in raw.get("sent", [])},
+        )
+
+    def mark_sent(self, key: str, token: str, message_id: str | None) -> None:
+        self.col.update_one(
+            {"_id": key, "sent.token": {"$ne": token}},
+            {"$push": {"sent": {"token": token, "message_id": message_id, "at": utcnow()}}},
+        )
+
+    def complete(self, key: str, outcome: dict[str, Any]) -> None:
+        self.col.update_one(
+            {"_id": key},
+            {"$set": {"state": "completed", "lease_until": None, "completed_at": utcnow(),
+                      "outcome": outcome}},
+        )
+
+    def release(self, key: str, error: str) -> None:
+        self.col.update_one(
+            {"_id": key}, {"$set": {"lease_until": None, "last_error": error}}
+        )
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.col.find_one({"_id": key})

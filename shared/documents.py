@@ -1,0 +1,122 @@
+"""The documents collection: one record per upload, from `processing` to its outcome."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from shared.keys import WrappedKey
+
+
+class Status(StrEnum):
+    PROCESSING = "processing"
+    STORED = "stored"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class Document(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    id: str = Field(alias="_id")
+    owner: str
+    filename: str
+    declared_type: str
+    size: int
+    sha256: str
+    status: Status = Status.PROCESSING
+    created_at: datetime
+    updated_at: datetime
+    wrapped_key: dict[str, Any]
+    media_type: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    reason: str | None = None
+    # The signed download link, encrypted under the document's own data key (see README).
+    download_url_enc: bytes | None = None
+    download_url_expires: datetime | None = None
+    idempotency_key: str | None = None
+    upload_event_id: str
+
+    @property
+    def key(self) -> WrappedKey:
+        return WrappedKey.from_doc(self.wrapped_key)
+
+    def to_mongo(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class DuplicateIdempotencyKey(Exception):
+    def __init__(self, existing: Document) -> None:
+        super().__init__(existing.id)
+        self.existing = existing
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DocumentRepository:
+    def __init__(self, db: Database[dict[str, Any]]) -> None:
+        self.col: Collection[dict[str, Any]] = db["documents"]
+
+    def ensure_indexes(self) -> None:
+        self.col.create_index(
+            [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"idempotency_key": {"$type": "string"}},
+            name="owner_idempotency_key",
+        )
+        self.col.create_index(
+            [("owner", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+            name="owner_newest",
+        )
+        self.col.create_index(
+            [("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"
+        )
+        self.col.create_index([("owner", ASCENDING), ("sha256", ASCENDING)], name="owner_sha256")
+
+    def insert(self, doc: Document) -> None:
+        try:
+            self.col.insert_one(doc.to_mongo())
+        except DuplicateKeyError:
+            if doc.idempotency_key is not None:
+                existing = self.by_idempotency_key(doc.owner, doc.idempotency_key)
+                if existing is not None:
+                    raise DuplicateIdempotencyKey(existing) from None
+            raise
+
+    def get(self, doc_id: str) -> Document | None:
+        raw = self.col.find_one({"_id": doc_id})
+        return Document.model_validate(raw) if raw else None
+
+    def by_idempotency_key(self, owner: str, key: str) -> Document | None:
+        raw = self.col.find_one({"owner": owner, "idempotency_key": key})
+        return Document.model_validate(raw) if raw else None
+
+    def finish(
+        self, doc_id: str, status: Status, **fields: Any
+    ) -> Document | None:
+        """Move a `processing` document to its outcome; None when it had already left it."""
+        now = utcnow()
+        raw = self.col.find_one_and_update(
+            {"_id": doc_id, "status": Status.PROCESSING.value},
+            {"$set": {"status": status.value, "updated_at": now, **fields}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return Document.model_validate(raw) if raw else None
+
+    def set_download_url(self, doc_id: str, url_enc: bytes, expires: datetime) -> None:
+        self.col.update_one(
+            {"_id": doc_id},
+            {"$set": {"download_url_enc": url_enc, "download_url_expires": expires}},
+        )
+
+    def delete(self, doc_id: str) -> None:
+        self.col.delete_one({"_id": doc_id})

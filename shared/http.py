@@ -1,0 +1,81 @@
+"""The thin HTTP layer shared by the HTTP functions: routing, JSON answers, error mapping.
+
+Handlers take a werkzeug ``Request`` (functions-framework hands them Flask's subclass) and
+return a werkzeug ``Response``, so the same code runs under functions-framework, inside
+``docproc serve`` and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map
+from werkzeug.wrappers import Request, Response
+
+from shared.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+Endpoint = Callable[..., Response]
+_UNAVAILABLE = (ServerSelectionTimeoutError, AutoReconnect, ConnectionFailure)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":"), default=str),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+def dispatch(routes: Map, endpoints: dict[str, Endpoint], request: Request, *args: Any) -> Response:
+    """Route the request and turn every failure into a JSON error answer."""
+    try:
+        adapter = routes.bind_to_environ(request.environ)
+        name, params = adapter.match()
+        return endpoints[str(name)](*args, request, **params)
+    except ApiError as exc:
+        return error_response(exc)
+    except _UNAVAILABLE as exc:
+        log.warning("database unavailable: %s", exc)
+        return error_response(ApiError(503, "unavailable", "database unavailable, retry later",
+                                       {"Retry-After": "5"}))
+    except HTTPException as exc:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(ApiError(exc.code or 500, code, exc.description or code))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal", "internal error"))
+
+
+def matches(routes: Map, request: Request) -> bool:
+    try:
+        routes.bind_to_environ(request.environ).match()
+    except HTTPException as exc:
+        # A 405 still means the path is ours.
+        return exc.code == 405
+    return True
+
+
+def read_json(request: Request, limit: int = 64 * 1024) -> Any:
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send application/json")
+    if (request.content_length or 0) > limit:
+        raise ApiError(413, "too_large", f"JSON body over {limit} bytes")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, "too_large", f"JSON body over {limit} bytes")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc

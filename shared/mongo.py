@@ -1,0 +1,62 @@
+"""MongoDB connections: a real server by URI, or SecantusDB serving the wire protocol in-process.
+
+SecantusDB keeps its files in one directory that only one process may open, so the embedded
+database belongs to a single process (``docproc serve`` or one function run alone); functions
+running as separate processes must share a real server through ``MONGODB_URI``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymongo import MongoClient
+from pymongo.database import Database
+
+from shared.config import Settings
+
+log = logging.getLogger(__name__)
+
+# pymongo waits 30 s by default for a server; a request should fail fast with 503 instead.
+SERVER_SELECTION_TIMEOUT_MS = 3000
+
+
+@dataclass
+class MongoHandle:
+    client: MongoClient[dict[str, Any]]
+    db: Database[dict[str, Any]]
+    embedded: Any = field(default=None, repr=False)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+
+def open_mongo(settings: Settings) -> MongoHandle:
+    embedded = None
+    uri = settings.mongodb_uri
+    if uri is None:
+        from secantus import SecantusDBServer
+
+        path = settings.embedded_mongo_dir
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # replica_set_name=None: no oplog, which nothing here needs; a small cache keeps the
+        # embedded process lean; durable so a killed `docproc serve` loses no record.
+        embedded = SecantusDBServer(
+            host="127.0.0.1",
+            port=0,
+            storage_path=str(path),
+            replica_set_name=None,
+            cache_size="64M",
+            durable=True,
+        )
+        embedded.start()
+        uri = embedded.uri
+        log.info("embedded MongoDB wire server (SecantusDB) at %s, data in %s", uri, path)
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        uri, serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, tz_aware=True
+    )
+    return MongoHandle(client=client, db=client[settings.mongodb_database], embedded=embedded)
