@@ -31,7 +31,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         if settings.amqp_url:
             self.services = build_services(settings)
-            for name, make in EVENT_FUNCTIONS.items():
+            for make in EVENT_FUNCTIONS.values():
                 self.runners.append(RabbitRunner(
                     settings.amqp_url, settings.amqp_prefix, make(self.services), policy,
                     settings.worker_concurrency))

@@ -73,7 +73,9 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     mongo = open_mongo(settings)
     cache: Cache = (
-        RedisCache(settings.redis_url, settings.redis_prefix) if settings.redis_url else MemoryCache()
+        RedisCache(settings.redis_url, settings.redis_prefix)
+        if settings.redis_url
+        else MemoryCache()
     )
     keys: KeyProvider = (
         KmsKeyProvider(settings.kms_key_id) if settings.kms_key_id

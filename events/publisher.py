@@ -6,6 +6,7 @@ refuse the request (503) instead of pretending it was accepted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Protocol
@@ -59,10 +60,8 @@ class AmqpPublisher:
 
     def _drop(self) -> None:
         if self._conn is not None and self._conn.is_open:
-            try:
+            with contextlib.suppress(AMQPError):
                 self._conn.close()
-            except AMQPError:
-                pass
         self._conn = None
         self._chan = None
 

@@ -10,6 +10,7 @@ least once and handlers are idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -82,10 +83,8 @@ class RabbitRunner:
             # Unacked messages go back to the queue when the connection closes.
             pool.shutdown(wait=True, cancel_futures=True)
             if conn.is_open:
-                try:
+                with contextlib.suppress(AMQPError):
                     conn.close()
-                except AMQPError:
-                    pass
 
     def _on_message(
         self,

@@ -13,14 +13,14 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
 
 from shared.ids import is_document_id
 
 
-class Area(str, Enum):
+class Area(StrEnum):
     STAGING = "staging"
     OBJECTS = "objects"
 

@@ -24,10 +24,11 @@ def clean_filename(raw: str | None) -> str:
         ch for ch in name
         if ch not in _BIDI and unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn")
     ).strip().lstrip(".")
-    while len(name.encode()) > MAX_FILENAME_BYTES:
+    if len(name.encode()) > MAX_FILENAME_BYTES:
+        # keep a short extension while trimming, so a long "report….pdf" stays a .pdf
         stem, dot, ext = name.rpartition(".")
-        if dot and 0 < len(ext) <= 10 and stem:
-            name = stem[:-1] + "." + ext
-        else:
-            name = name[:-1]
+        suffix = "." + ext if dot and stem and 0 < len(ext) <= 10 else ""
+        base = stem if suffix else name
+        budget = MAX_FILENAME_BYTES - len(suffix.encode())
+        name = base.encode()[:budget].decode("utf-8", "ignore") + suffix
     return name or DEFAULT_FILENAME

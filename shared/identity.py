@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from werkzeug.datastructures import Headers
+
 from shared.errors import ApiError, unauthenticated
 
 Role = Literal["driver", "agent"]
@@ -28,7 +30,7 @@ class Identity:
         return self.role == "agent"
 
 
-def identity_from_headers(headers: Mapping[str, str]) -> Identity:
+def identity_from_headers(headers: Headers | Mapping[str, str]) -> Identity:
     user_id = (headers.get("X-Consumer-Username") or "").strip()
     if not user_id:
         raise unauthenticated()

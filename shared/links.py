@@ -44,7 +44,8 @@ class LinkSigner:
     def sign(self, doc_id: str, ttl: int, now: float | None = None) -> SignedLink:
         expires = int((now if now is not None else time.time()) + ttl)
         path = FILES_PREFIX + doc_id
-        query = urlencode({"exp": expires, "kid": self.kid, "sig": self._sign("GET", path, expires)})
+        sig = self._sign("GET", path, expires)
+        query = urlencode({"exp": expires, "kid": self.kid, "sig": sig})
         return SignedLink(url=f"{self.public_url}{path}?{query}", expires=expires)
 
     def verify(self, method: str, path: str, exp: str | None, sig: str | None,

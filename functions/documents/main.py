@@ -9,9 +9,9 @@ records the document as `processing` and publishes ``document.uploaded``; ``GET
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
-from collections.abc import Callable
 from typing import Any
 
 import functions_framework
@@ -30,7 +30,7 @@ from shared.documents import Document, DuplicateIdempotencyKey, Status, utcnow
 from shared.envelope import EnvelopeWriter
 from shared.errors import ApiError, bad_request, not_found, unavailable
 from shared.filenames import clean_filename
-from shared.http import dispatch, json_response
+from shared.http import Endpoint, dispatch, json_response
 from shared.identity import Identity, identity_from_headers
 from shared.ids import is_document_id, new_document_id
 from shared.inspection import normalize_media_type
@@ -85,10 +85,16 @@ class _FilePart(BaseTarget):  # type: ignore[misc]
         self.sink.write(chunk)
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"documents are limited to {limit} bytes")
+
+
 def _check_type(media_type: str, allowed: tuple[str, ...]) -> str:
     if media_type not in allowed:
-        raise ApiError(415, "unsupported_media_type",
-                       f"{media_type or 'no type'} is not accepted; send one of {', '.join(allowed)}")
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"{media_type or 'no type'} is not accepted; send one of {', '.join(allowed)}",
+        )
     return media_type
 
 
@@ -109,7 +115,7 @@ def upload(svc: Services, request: Request) -> Response:
         if previous is not None:
             return _accepted(previous)
     if request.content_length is not None and request.content_length > settings.max_upload_bytes:
-        raise ApiError(413, "too_large", f"documents are limited to {settings.max_upload_bytes} bytes")
+        raise _too_large(settings.max_upload_bytes)
     multipart = request.mimetype == "multipart/form-data"
     declared = "" if multipart else _check_type(normalize_media_type(request.mimetype),
                                                  settings.allowed_types)
@@ -135,8 +141,7 @@ def upload(svc: Services, request: Request) -> Response:
                 raise bad_request("the document is empty", code="empty_document")
             writer.close()
     except _TooLarge:
-        raise ApiError(413, "too_large",
-                       f"documents are limited to {settings.max_upload_bytes} bytes") from None
+        raise _too_large(settings.max_upload_bytes) from None
     except ClientDisconnected:
         raise bad_request("the upload was cut short", code="incomplete_body") from None
     except ValueError as exc:  # the multipart parser's complaint about a malformed body
@@ -227,7 +232,7 @@ def current_link(svc: Services, doc: Document) -> str:
     return link.url
 
 
-ENDPOINTS = {"upload": upload, "status": status}
+ENDPOINTS: dict[str, Endpoint] = {"upload": upload, "status": status}
 
 
 def handle(svc: Services, request: Request) -> Response:

@@ -21,7 +21,7 @@ from shared.blobstore import Area
 from shared.documents import Status
 from shared.envelope import decrypt_stream
 from shared.errors import not_found
-from shared.http import dispatch
+from shared.http import Endpoint, dispatch
 from shared.identity import identity_from_headers
 from shared.ids import is_document_id
 
@@ -61,7 +61,7 @@ def _disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-ENDPOINTS = {"download": download}
+ENDPOINTS: dict[str, Endpoint] = {"download": download}
 
 
 def handle(svc: Services, request: Request) -> Response:

@@ -11,6 +11,7 @@ outcome. Run alone with ``functions-framework --source functions/storage/main.py
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -105,8 +106,8 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
                        reason=f"declared {doc.declared_type} but the content is {media_type}")
     try:
         with svc.blobs.open(area, doc.id) as source:
-            metadata = extract_metadata(media_type, EnvelopeReader(data_key, source,
-                                                                   associated_data=aad))
+            plain = io.BufferedReader(EnvelopeReader(data_key, source, associated_data=aad))
+            metadata = extract_metadata(media_type, plain)
     except InvalidDocument as exc:
         return Verdict(Status.REJECTED, media_type=media_type, reason=str(exc))
     return Verdict(Status.STORED, media_type=media_type, metadata=metadata)
@@ -116,7 +117,8 @@ def _announce(svc: Services, doc: Document) -> None:
     source = svc.settings.event_source
     if doc.status == Status.STORED:
         data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
-        assert doc.download_url_enc is not None and doc.download_url_expires is not None
+        if doc.download_url_enc is None or doc.download_url_expires is None:
+            raise RuntimeError(f"stored document {doc.id} has no download link")
         url = unseal(data_key, doc.download_url_enc, doc.id.encode()).decode()
         event = make_event(
             DOCUMENT_STORED, source, doc.id,

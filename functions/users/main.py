@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request, Response
 
 from docproc.runtime import Services, services
 from shared.errors import bad_request
-from shared.http import dispatch, json_response, read_json
+from shared.http import Endpoint, dispatch, json_response, read_json
 from shared.identity import identity_from_headers
 from shared.users import User
 
@@ -58,7 +58,7 @@ def add_device(svc: Services, request: Request) -> Response:
     return json_response({"platform": reg.platform, "registered": True}, 201 if added else 200)
 
 
-ENDPOINTS = {"me": me, "add_device": add_device}
+ENDPOINTS: dict[str, Endpoint] = {"me": me, "add_device": add_device}
 
 
 def handle(svc: Services, request: Request) -> Response:

@@ -1,0 +1,200 @@
+"""The seed's process flow on real RabbitMQ, Redis, a MongoDB wire server and FCM (stub):
+upload → document.uploaded → storage on EFS + MongoDB → document.stored → push → download."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pika
+import pytest
+import requests
+
+from events import amqp_codec, topology
+from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
+from events.cloudevent import make_event
+from shared.blobstore import Area
+from tests import samples
+from tests.conftest import Running
+from tests.fcm_stub import FcmStub
+from tests.helpers import DRIVER, register_device, settled, upload, wait_for
+
+pytestmark = pytest.mark.services
+
+
+def _publish_raw(running: Running, event: object) -> None:
+    """Put an event on the exchange as another publisher (or a redelivery) would."""
+    settings = running.svc.settings
+    props, body = amqp_codec.encode(event)  # type: ignore[arg-type]
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        chan = conn.channel()
+        chan.confirm_delivery()
+        chan.basic_publish(topology.exchange(settings.amqp_prefix), props.type, body, props,
+                           mandatory=True)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("media_type", "make", "metadata"),
+    [
+        ("application/pdf", lambda m: samples.pdf(m, pages=3), {"pages": 3}),
+        ("image/jpeg", lambda m: samples.jpeg(m, (64, 48)),
+         {"width": 64, "height": 48, "format": "JPEG"}),
+    ],
+    ids=["pdf", "jpeg"],
+)
+def test_document_is_stored_downloadable_and_announced_once(
+    running: Running, http: requests.Session, fcm: FcmStub, media_type: str,
+    make: object, metadata: dict[str, object],
+) -> None:
+    register_device(http, running.base_url, "phone-1")
+    body = make(samples.marker())  # type: ignore[operator]
+    resp = upload(http, running.base_url, body, media_type, "delivery note.bin")
+    assert resp.status_code == 202, resp.text
+    doc_id = resp.json()["id"]
+    assert resp.json() == {"id": doc_id, "status": "processing"}
+    assert resp.headers["Location"] == f"/v1/documents/{doc_id}"
+
+    doc = settled(http, running.base_url, doc_id)
+    assert doc["status"] == "stored", doc
+    assert doc["media_type"] == media_type
+    assert doc["size"] == len(body)
+    assert doc["sha256"] == hashlib.sha256(body).hexdigest()
+    assert doc["filename"] == "delivery note.bin"
+    assert doc["metadata"] == metadata
+    assert doc["download_url"].startswith(running.base_url + f"/v1/files/{doc_id}?")
+
+    got = http.get(doc["download_url"], headers=DRIVER, timeout=30)
+    assert got.status_code == 200
+    assert got.content == body
+    assert got.headers["Content-Type"].startswith(media_type)
+
+    pushes = wait_for(lambda: fcm.messages_for("phone-1"), what="the push")
+    wait_for(lambda: (running.svc.deliveries.get(f"{doc_id}.stored") or {}).get("state")
+             == "completed", what="the delivery record")
+    assert len(fcm.messages_for("phone-1")) == 1
+    assert pushes[0]["data"] == {"document_id": doc_id, "status": "stored",
+                                 "download_url": doc["download_url"]}
+    assert pushes[0]["notification"]["title"] == "Document stored"
+
+
+def test_redelivered_events_change_nothing_and_push_once(
+    running: Running, http: requests.Session, fcm: FcmStub, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    register_device(http, running.base_url, "phone-dup")
+    body = samples.pdf(samples.marker())
+    doc_id = upload(http, running.base_url, body, "application/pdf").json()["id"]
+    first = settled(http, running.base_url, doc_id)
+    wait_for(lambda: fcm.messages_for("phone-dup"), what="the first push")
+    record = running.svc.documents.get(doc_id)
+    assert record is not None
+
+    # The broker delivers document.uploaded twice more (same event id), as after a lost ack.
+    uploaded = make_event(
+        DOCUMENT_UPLOADED, running.svc.settings.event_source, doc_id,
+        DocumentUploaded(document_id=doc_id, owner=record.owner, filename=record.filename,
+                         declared_type=record.declared_type, size=record.size,
+                         sha256=record.sha256),
+        event_id=record.upload_event_id,
+    )
+    _publish_raw(running, uploaded)
+    _publish_raw(running, uploaded)
+
+    def deduplicated() -> bool:
+        return sum("already completed" in r.getMessage() for r in caplog.records) >= 2
+
+    # Each redelivery is re-announced with the same event id and swallowed by notification.
+    wait_for(deduplicated, what="the duplicates to be handled")
+    assert len(fcm.messages_for("phone-dup")) == 1
+    again = settled(http, running.base_url, doc_id)
+    assert again["status"] == "stored"
+    assert again["sha256"] == first["sha256"]
+    assert running.svc.blobs.exists(Area.OBJECTS, doc_id)
+
+
+@pytest.mark.parametrize(
+    ("body", "declared", "reason"),
+    [
+        (samples.png(), "application/pdf", "declared application/pdf but the content is image/png"),
+        (b"\x00\x01 just some bytes " * 100, "image/jpeg", "content is of an unknown type"),
+        (b"%PDF-1.7\n" + b"garbage " * 200, "application/pdf", "corrupt PDF"),
+        (samples.jpeg()[:200], "image/jpeg", "corrupt image"),
+    ],
+    ids=["png-as-pdf", "unknown-bytes", "corrupt-pdf", "truncated-jpeg"],
+)
+def test_content_that_is_not_its_declared_type_is_rejected(
+    running: Running, http: requests.Session, fcm: FcmStub,
+    body: bytes, declared: str, reason: str,
+) -> None:
+    register_device(http, running.base_url, "phone-rej")
+    resp = upload(http, running.base_url, body, declared)
+    assert resp.status_code == 202
+    doc_id = resp.json()["id"]
+    doc = settled(http, running.base_url, doc_id)
+    assert doc["status"] == "rejected"
+    assert reason in doc["reason"]
+    assert "download_url" not in doc
+    push = wait_for(lambda: fcm.messages_for("phone-rej"), what="the rejection push")[0]
+    assert push["data"]["status"] == "rejected"
+    assert push["data"]["document_id"] == doc_id
+    assert not running.svc.blobs.exists(Area.STAGING, doc_id)
+    assert not running.svc.blobs.exists(Area.OBJECTS, doc_id)
+
+
+def test_no_plaintext_rests_on_efs_data_dir_or_database(
+    running: Running, http: requests.Session, mongo: object,
+) -> None:
+    mark = samples.marker()
+    bodies = {
+        "application/pdf": samples.pdf(mark, pages=2),
+        "image/jpeg": samples.jpeg(mark, (300, 200)),
+    }
+    ids = []
+    for media_type, body in bodies.items():
+        assert mark in body  # the scan below looks for something that is really there
+        ids.append(upload(http, running.base_url, body, media_type).json()["id"])
+    for doc_id in ids:
+        assert settled(http, running.base_url, doc_id)["status"] == "stored"
+    running.svc.mongo.client.admin.command("fsync")
+
+    roots = [running.svc.settings.data_dir, running.svc.settings.efs_root,
+             mongo.storage]  # type: ignore[attr-defined]
+    scanned = 0
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                scanned += 1
+                assert mark not in path.read_bytes(), f"plaintext found in {path}"
+    assert scanned > 3
+    for doc_id in ids:
+        raw = running.svc.documents.col.find_one({"_id": doc_id})
+        assert mark not in repr(raw).encode()
+        # the download link is kept sealed, not in the clear
+        assert b"/v1/files/" not in raw["download_url_enc"]  # type: ignore[index]
+
+
+def test_tampered_stored_chunk_fails_to_decrypt(running: Running, http: requests.Session) -> None:
+    body = samples.pdf(samples.marker(), padding=300_000)  # several 64 KiB chunks
+    doc_id = upload(http, running.base_url, body, "application/pdf").json()["id"]
+    doc = settled(http, running.base_url, doc_id)
+    assert doc["status"] == "stored"
+    path = running.svc.blobs.path(Area.OBJECTS, doc_id)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+
+    received = b""
+    with (
+        pytest.raises(requests.exceptions.ChunkedEncodingError),  # noqa: PT012
+        http.get(doc["download_url"], headers=DRIVER, stream=True, timeout=30) as resp,
+    ):
+        assert resp.status_code == 200
+        for piece in resp.iter_content(65536):
+            received += piece
+    # The chunks before the tampered one arrived; nothing after it did.
+    assert 0 < len(received) < len(body)
+    assert body.startswith(received)
