@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from werkzeug.exceptions import BadRequest
+
+from events.cloudevent import MalformedEvent
 from events.publisher import AmqpPublisher, HttpSinkPublisher, Publisher
 from events.subscriptions import RetryPolicy
 from shared.blobstore import BlobStore
@@ -121,6 +126,17 @@ def services() -> Services:
             if _current is None:
                 _current = build_services(load_settings())
     return _current
+
+
+@contextmanager
+def as_http_status() -> Iterator[None]:
+    """Under functions-framework, answer an event that can never succeed with 400, which
+    Knative does not retry but sends to the dead-letter sink; other failures stay 5xx, which
+    it retries with backoff."""
+    try:
+        yield
+    except MalformedEvent as exc:
+        raise BadRequest(str(exc)) from exc
 
 
 def install(svc: Services | None) -> None:

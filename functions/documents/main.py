@@ -16,6 +16,7 @@ from typing import Any
 
 import functions_framework
 from streaming_form_data import StreamingFormDataParser
+from streaming_form_data.parser import ParseFailedException
 from streaming_form_data.targets import BaseTarget
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.routing import Map, Rule
@@ -74,14 +75,22 @@ class _FilePart(BaseTarget):  # type: ignore[misc]
         self.sink = sink
         self.allowed = allowed
         self.seen = False
+        self.media_type: str | None = None
 
     def on_start(self) -> None:
         if self.seen:
             raise bad_request("send exactly one `file` part")
         self.seen = True
-        _check_type(normalize_media_type(self.multipart_content_type or ""), self.allowed)
+
+    def check_type(self) -> str:
+        # The parser learns the part's Content-Type after on_start, so check on first data.
+        if self.media_type is None:
+            declared = normalize_media_type(self.multipart_content_type or "")
+            self.media_type = _check_type(declared, self.allowed)
+        return self.media_type
 
     def on_data_received(self, chunk: bytes) -> None:
+        self.check_type()
         self.sink.write(chunk)
 
 
@@ -133,7 +142,7 @@ def upload(svc: Services, request: Request) -> Response:
                 _pump(request, parser.data_received)
                 if not part.seen:
                     raise bad_request("multipart upload without a `file` part")
-                declared = normalize_media_type(part.multipart_content_type or "")
+                declared = part.check_type()
                 filename = part.multipart_filename
             else:
                 _pump(request, sink.write)
@@ -144,8 +153,8 @@ def upload(svc: Services, request: Request) -> Response:
         raise _too_large(settings.max_upload_bytes) from None
     except ClientDisconnected:
         raise bad_request("the upload was cut short", code="incomplete_body") from None
-    except ValueError as exc:  # the multipart parser's complaint about a malformed body
-        raise bad_request(f"malformed multipart body: {exc}") from None
+    except (ParseFailedException, ValueError) as exc:  # the multipart parser's complaints
+        raise bad_request(f"malformed multipart body: {exc}", code="malformed_multipart") from None
     now = utcnow()
     doc = Document(
         _id=doc_id, owner=ident.user_id, filename=clean_filename(filename),

@@ -15,7 +15,7 @@ import logging
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from docproc.runtime import Services, services
+from docproc.runtime import Services, as_http_status, services
 from events.catalog import DocumentRejected, DocumentStored
 from events.cloudevent import MalformedEvent, validate
 from events.subscriptions import Subscription, describe
@@ -104,4 +104,5 @@ def subscription(svc: Services) -> Subscription:
 
 @functions_framework.cloud_event
 def notification(event: CloudEvent) -> None:
-    handle(services(), event)
+    with as_http_status():
+        handle(services(), event)

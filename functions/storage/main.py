@@ -20,7 +20,7 @@ from typing import Any
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from docproc.runtime import Services, services
+from docproc.runtime import Services, as_http_status, services
 from events.catalog import (
     DOCUMENT_REJECTED,
     DOCUMENT_STORED,
@@ -146,4 +146,5 @@ def subscription(svc: Services) -> Subscription:
 
 @functions_framework.cloud_event
 def storage(event: CloudEvent) -> None:
-    handle(services(), event)
+    with as_http_status():
+        handle(services(), event)

@@ -1,0 +1,151 @@
+"""Failing handlers retry with backoff and then land in a dead-letter queue with the reason,
+on RabbitMQ and on the embedded bus alike; nothing is dropped silently."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+from cloudevents.http import CloudEvent
+
+from events import topology
+from events.bus import InProcessBus
+from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
+from events.cloudevent import make_event
+from events.runner import ATTEMPT_HEADER, DEAD_REASON_HEADER, RabbitRunner
+from events.subscriptions import RetryPolicy, Subscription
+from shared.config import Settings
+from shared.documents import Document, Status, utcnow
+from shared.ids import new_document_id
+from tests.conftest import Running
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.services
+
+
+def _event(doc_id: str | None = None) -> CloudEvent:
+    doc_id = doc_id or new_document_id()
+    return make_event(
+        DOCUMENT_UPLOADED, "/tests", doc_id,
+        DocumentUploaded(document_id=doc_id, owner="driver-1", filename="x.pdf",
+                         declared_type="application/pdf", size=10, sha256="0" * 64),
+    )
+
+
+def _get_dead(settings: Settings, fn: str) -> tuple[Any, bytes] | None:
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        method, props, body = conn.channel().basic_get(
+            topology.dead_letter_queue(settings.amqp_prefix, fn), auto_ack=True)
+        return (props, body) if method else None
+    finally:
+        conn.close()
+
+
+def test_storage_handler_that_keeps_failing_is_dead_lettered_with_reason(
+    running: Running,
+) -> None:
+    """A document whose staged object has gone missing cannot be stored, however often the
+    event is retried: after the backoff schedule it must end in the DLQ, with the reason."""
+    svc = running.svc
+    doc_id = new_document_id()
+    _, wrapped = svc.keys.generate({"document_id": doc_id})
+    now = utcnow()
+    svc.documents.insert(Document(
+        _id=doc_id, owner="driver-1", filename="lost.pdf", declared_type="application/pdf",
+        size=10, sha256="0" * 64, status=Status.PROCESSING, created_at=now, updated_at=now,
+        wrapped_key=wrapped.to_doc(), upload_event_id=new_document_id()))
+    svc.publish(_event(doc_id))
+
+    props, body = wait_for(lambda: _get_dead(svc.settings, "storage"), what="a dead letter")
+    headers = props.headers
+    assert "FileNotFoundError" in headers[DEAD_REASON_HEADER]
+    assert headers[ATTEMPT_HEADER] == len(svc.settings.retry_delays) + 1
+    assert json.loads(body)["document_id"] == doc_id
+    assert props.headers["cloudEvents_subject"] == doc_id
+    record = svc.documents.get(doc_id)
+    assert record is not None
+    assert record.status == Status.PROCESSING  # visible for reprocessing, not half-stored
+
+
+def test_malformed_event_is_dead_lettered_at_once(running: Running) -> None:
+    settings = running.svc.settings
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        chan = conn.channel()
+        chan.confirm_delivery()
+        chan.basic_publish(
+            topology.exchange(settings.amqp_prefix), DOCUMENT_UPLOADED, b'{"document_id": 7}',
+            pika.BasicProperties(content_type="application/json", headers={
+                "cloudEvents_specversion": "1.0", "cloudEvents_id": "bad-1",
+                "cloudEvents_source": "/tests", "cloudEvents_type": DOCUMENT_UPLOADED}),
+            mandatory=True)
+    finally:
+        conn.close()
+    props, _ = wait_for(lambda: _get_dead(settings, "storage"), what="a dead letter")
+    assert props.headers[ATTEMPT_HEADER] == 1
+    assert "MalformedEvent" in props.headers[DEAD_REASON_HEADER]
+    assert "document_id" in props.headers[DEAD_REASON_HEADER]
+
+
+def test_runner_retries_a_transient_failure_then_succeeds_once(
+    service_settings: Callable[..., Settings],
+) -> None:
+    settings = service_settings()
+    seen: list[str] = []
+    done = threading.Event()
+
+    def flaky(event: CloudEvent) -> None:
+        seen.append(str(event["id"]))
+        if len(seen) < 3:
+            raise ConnectionError("database briefly unreachable")
+        done.set()
+
+    runner = RabbitRunner(settings.amqp_url or "", settings.amqp_prefix,
+                          Subscription("storage", flaky), RetryPolicy(settings.retry_delays), 2)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        assert runner.ready.wait(10)
+        from events.publisher import AmqpPublisher
+
+        publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
+                                  settings.retry_delays)
+        event = _event()
+        publisher.publish(event)
+        publisher.close()
+        assert done.wait(15)
+        assert seen == [event["id"]] * 3
+        assert _get_dead(settings, "storage") is None
+    finally:
+        runner.stop()
+        thread.join(10)
+
+
+def test_embedded_bus_has_the_same_retry_and_dead_letter_semantics(tmp_path: Path) -> None:
+    bus = InProcessBus(RetryPolicy((0.05, 0.1)), tmp_path / "dead", concurrency=2)
+    calls = {"always": 0}
+
+    def always(event: CloudEvent) -> None:
+        calls["always"] += 1
+        raise RuntimeError("disk full")
+
+    bus.subscribe(Subscription("storage", always))
+    bus.start()
+    try:
+        event = _event()
+        bus.publish(event)
+        assert bus.wait_idle(10)
+    finally:
+        bus.stop()
+    assert calls["always"] == 3
+    [dead] = bus.dead_letters("storage")
+    assert dead["reason"] == "RuntimeError: disk full"
+    assert dead["attempts"] == 3
+    assert dead["event"]["id"] == event["id"]
+    assert dead["event"]["data"]["document_id"] == event.data["document_id"]

@@ -1,0 +1,221 @@
+"""The HTTP contract Kong routes to: identity, validation, limits, idempotency, links.
+
+Every refusal is a JSON error and leaves nothing behind: no staged object, no record."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from events.publisher import AmqpPublisher
+from shared.config import Settings
+from tests import samples
+from tests.conftest import Running, serving
+from tests.helpers import AGENT, DRIVER, OTHER_DRIVER, kong, settled, upload
+
+pytestmark = pytest.mark.services
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def small(service_settings: Callable[..., Settings]) -> Iterator[Running]:
+    with serving(service_settings, max_upload_bytes=LIMIT) as run:
+        yield run
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def _nothing_kept(run: Running) -> None:
+    assert _files(run.svc.settings.efs_root) == []
+    assert run.svc.documents.col.count_documents({}) == 0
+
+
+def _error(resp: requests.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"] == "application/json"
+    body: dict[str, Any] = resp.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({}, 401, "unauthenticated"),
+        ({"X-Consumer-Username": "driver-1"}, 401, "unauthenticated"),
+        ({"X-Consumer-Groups": "drivers"}, 401, "unauthenticated"),
+        (kong("driver-1", "contractors"), 403, "forbidden"),
+    ],
+)
+def test_missing_or_unknown_identity_is_refused(
+    small: Running, http: requests.Session, headers: dict[str, str], status: int, code: str,
+) -> None:
+    resp = http.post(small.url("/v1/documents"), data=samples.pdf(), timeout=10,
+                     headers={**headers, "Content-Type": "application/pdf"})
+    _error(resp, status, code)
+    _error(http.get(small.url("/v1/documents/" + "a" * 32), headers=headers, timeout=10),
+           status, code)
+    _nothing_kept(small)
+
+
+def test_bad_uploads_get_clear_errors_and_leave_nothing(
+    small: Running, http: requests.Session,
+) -> None:
+    base = small.base_url
+    _error(upload(http, base, b"", "application/pdf"), 400, "empty_document")
+    _error(upload(http, base, b"hello", "text/plain"), 415, "unsupported_media_type")
+    resp = http.post(base + "/v1/documents", data=b"x", headers=DRIVER, timeout=10)
+    _error(resp, 415, "unsupported_media_type")
+    # over the limit by Content-Length: refused before reading
+    _error(upload(http, base, b"\0" * (LIMIT + 1), "application/pdf"), 413, "too_large")
+
+    # over the limit with no Content-Length (chunked): the server stops reading and drops it
+    def chunks() -> Iterator[bytes]:
+        for _ in range(LIMIT // 4096 + 2):
+            yield b"\0" * 4096
+
+    resp = http.post(base + "/v1/documents", data=chunks(), timeout=30,
+                     headers={**DRIVER, "Content-Type": "application/pdf"})
+    _error(resp, 413, "too_large")
+    _nothing_kept(small)
+
+
+def test_multipart_upload_streams_the_file_part(small: Running, http: requests.Session) -> None:
+    body = samples.pdf(samples.marker(), pages=2)
+    resp = http.post(small.url("/v1/documents"), headers=DRIVER, timeout=30, files={
+        "file": ("pod 17.pdf", body, "application/pdf")}, data={"note": "left at door"})
+    assert resp.status_code == 202, resp.text
+    doc = settled(http, small.base_url, resp.json()["id"])
+    assert doc["status"] == "stored"
+    assert doc["filename"] == "pod 17.pdf"
+    assert doc["size"] == len(body)
+    assert http.get(doc["download_url"], headers=DRIVER, timeout=30).content == body
+
+
+def test_bad_multipart_uploads_are_refused(small: Running, http: requests.Session) -> None:
+    url = small.url("/v1/documents")
+    resp = http.post(url, headers=DRIVER, timeout=10,
+                     files={"file": ("a.exe", b"MZ...", "application/x-msdownload")})
+    _error(resp, 415, "unsupported_media_type")
+    resp = http.post(url, headers=DRIVER, timeout=10, files={"other": ("a.pdf", b"%PDF")})
+    _error(resp, 400, "bad_request")
+    resp = http.post(url, headers=DRIVER, timeout=10,
+                     files={"file": ("big.pdf", b"\0" * (LIMIT + 10), "application/pdf")})
+    _error(resp, 413, "too_large")
+    resp = http.post(url, data=b"--nope\r\n", timeout=10, headers={
+        **DRIVER, "Content-Type": "multipart/form-data; boundary=xyz"})
+    _error(resp, 400, "malformed_multipart")
+    resp = http.post(url, data=b"--nope\r\n", timeout=10, headers={
+        **DRIVER, "Content-Type": "multipart/form-data"})
+    _error(resp, 400, "malformed_multipart")
+    _nothing_kept(small)
+
+
+def test_idempotency_key_returns_the_first_document(small: Running, http: requests.Session) -> None:
+    body = samples.pdf()
+    key = {"Idempotency-Key": "upload-42"}
+    first = upload(http, small.base_url, body, "application/pdf", headers={**DRIVER, **key})
+    again = upload(http, small.base_url, body, "application/pdf", headers={**DRIVER, **key})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    # the key is per user: another driver's upload with the same key is their own document
+    other = upload(http, small.base_url, body, "application/pdf",
+                   headers={**OTHER_DRIVER, **key})
+    assert other.json()["id"] != first.json()["id"]
+    assert small.svc.documents.col.count_documents({}) == 2
+    settled(http, small.base_url, first.json()["id"])
+    staged = _files(small.svc.settings.efs_root / "staging")
+    stored = _files(small.svc.settings.efs_root / "objects")
+    settled(http, small.base_url, other.json()["id"], headers=OTHER_DRIVER)
+    assert len(_files(small.svc.settings.efs_root / "objects")) == 2
+    assert len(staged) + len(stored) <= 2
+
+
+def test_status_and_download_respect_ownership_and_links(
+    small: Running, http: requests.Session,
+) -> None:
+    body = samples.jpeg(samples.marker())
+    doc_id = upload(http, small.base_url, body, "image/jpeg").json()["id"]
+    doc = settled(http, small.base_url, doc_id)
+    url = doc["download_url"]
+
+    _error(http.get(small.url(f"/v1/documents/{doc_id}"), headers=OTHER_DRIVER, timeout=10),
+           404, "not_found")
+    assert http.get(small.url(f"/v1/documents/{doc_id}"), headers=AGENT, timeout=10).ok
+    _error(http.get(small.url("/v1/documents/" + "0" * 32), headers=DRIVER, timeout=10),
+           404, "not_found")
+    _error(http.get(small.url("/v1/documents/..%2f..%2fetc"), headers=DRIVER, timeout=10),
+           404, "not_found")
+
+    _error(http.get(url, timeout=10), 401, "unauthenticated")
+    _error(http.get(url, headers=OTHER_DRIVER, timeout=10), 404, "not_found")
+    assert http.get(url, headers=AGENT, timeout=10).content == body
+    forged = url[: url.index("sig=") + 4] + "A" * 43
+    _error(http.get(forged, headers=DRIVER, timeout=10), 403, "invalid_link")
+    stretched = url.replace("exp=", "exp=9")
+    _error(http.get(stretched, headers=DRIVER, timeout=10), 403, "invalid_link")
+    _error(http.get(url.split("?")[0], headers=DRIVER, timeout=10), 403, "invalid_link")
+    expired = small.svc.links.sign(doc_id, -60).url
+    _error(http.get(expired, headers=DRIVER, timeout=10), 403, "link_expired")
+
+    got = http.get(url, headers=DRIVER, timeout=10)
+    assert got.content == body
+    assert got.headers["Content-Disposition"].startswith("attachment;")
+    assert got.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_hostile_file_names_are_kept_as_harmless_metadata(
+    small: Running, http: requests.Session,
+) -> None:
+    name = "../../etc/\u202egpj.exe\x07" + "x" * 5000 + ".pdf"
+    resp = http.post(small.url("/v1/documents"), data=samples.pdf(), timeout=10, headers={
+        **DRIVER, "Content-Type": "application/pdf", "X-Filename": quote(name)})
+    assert resp.status_code == 202
+    doc = settled(http, small.base_url, resp.json()["id"])
+    assert "/" not in doc["filename"]
+    assert "\u202e" not in doc["filename"]
+    assert "\x07" not in doc["filename"]
+    assert doc["filename"].endswith(".pdf")
+    assert len(doc["filename"].encode()) <= 255
+    for path in _files(small.svc.settings.efs_root):
+        assert path.name == doc["id"]
+
+
+def test_device_registration_is_idempotent_and_validated(
+    small: Running, http: requests.Session,
+) -> None:
+    url = small.url("/v1/users/me/devices")
+    device = {"token": "fcm-token-1", "platform": "ios"}
+    assert http.post(url, json=device, headers=DRIVER, timeout=10).status_code == 201
+    assert http.post(url, json=device, headers=DRIVER, timeout=10).status_code == 200
+    user = small.svc.users.get("driver-1")
+    assert user is not None
+    assert [d.token for d in user.devices] == ["fcm-token-1"]
+    _error(http.post(url, json={"token": "t", "platform": "symbian"}, headers=DRIVER,
+                     timeout=10), 400, "invalid_device")
+    _error(http.post(url, data="{", headers={**DRIVER, "Content-Type": "application/json"},
+                     timeout=10), 400, "invalid_json")
+    _error(http.post(url, json=device, timeout=10), 401, "unauthenticated")
+    me = http.get(small.url("/v1/users/me"), headers=DRIVER, timeout=10).json()
+    assert me["role"] == "driver"
+    assert len(me["devices"]) == 1
+
+
+def test_broker_down_at_upload_is_503_and_keeps_nothing(
+    small: Running, http: requests.Session,
+) -> None:
+    small.svc.publisher = AmqpPublisher("amqp://guest:guest@127.0.0.1:1/%2F", "nowhere", (1.0,))
+    resp = upload(http, small.base_url, samples.pdf(), "application/pdf")
+    _error(resp, 503, "unavailable")
+    assert resp.headers["Retry-After"]
+    _nothing_kept(small)

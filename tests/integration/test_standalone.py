@@ -1,0 +1,104 @@
+"""Each function runs alone: HTTP and CloudEvent functions under the functions-framework
+CLI (as Knative runs them), the notification function under `docproc worker` on RabbitMQ.
+Together, as separate processes, they carry a document through the whole flow."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pika
+import pytest
+import requests
+
+from events import amqp_codec, http_codec, topology
+from shared.config import Settings
+from tests import samples
+from tests.fcm_stub import FcmStub
+from tests.helpers import DRIVER, register_device, settled, wait_for
+from tests.processes import BIN, functions_framework, process, settings_env
+
+pytestmark = pytest.mark.services
+
+
+def test_functions_as_separate_processes_carry_a_document_end_to_end(
+    service_settings: Callable[..., Settings], fcm: FcmStub, tmp_path: Path,
+    http: requests.Session,
+) -> None:
+    settings = service_settings()
+    env = settings_env(settings)
+    env["DOCPROC_LINK_KEY"] = "k" * 48
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    download_base, download = functions_framework(
+        "download", "download_file", "http", env, logs / "download.log")
+    with download:
+        env["DOCPROC_PUBLIC_URL"] = download_base
+        docs_base, docs = functions_framework("documents", "documents", "http", env,
+                                              logs / "documents.log")
+        users_base, users = functions_framework("users", "users", "http", env,
+                                                logs / "users.log")
+        storage_base, storage = functions_framework("storage", "storage", "cloudevent", env,
+                                                    logs / "storage.log")
+        worker = process([str(BIN / "docproc"), "worker", "notification"], env,
+                         log=logs / "worker.log")
+        with docs, users, storage, worker:
+            register_device(http, users_base, "phone-standalone")
+            body = samples.pdf(samples.marker(), pages=2)
+            resp = http.post(f"{docs_base}/v1/documents", data=body, timeout=30,
+                             headers={**DRIVER, "Content-Type": "application/pdf"})
+            assert resp.status_code == 202, resp.text
+            doc_id = resp.json()["id"]
+
+            # Deliver document.uploaded from RabbitMQ to the storage function over HTTP, the
+            # way a Knative Trigger does: AMQP binding in, CloudEvents HTTP binary mode out.
+            conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url or ""))
+            chan = conn.channel()
+            queue = topology.queue(settings.amqp_prefix, "storage")
+            method, props, message = wait_for(
+                lambda: (r := chan.basic_get(queue)) and r[0] and r, what="document.uploaded")
+            event = amqp_codec.decode(props, message)
+            assert event["subject"] == doc_id
+            headers, payload = http_codec.encode(event)
+            delivered = http.post(storage_base + "/", data=payload, headers=headers, timeout=30)
+            assert delivered.status_code == 200, delivered.text
+            chan.basic_ack(method.delivery_tag)
+            conn.close()
+
+            doc = settled(http, docs_base, doc_id)
+            assert doc["status"] == "stored"
+            assert doc["download_url"].startswith(download_base + "/v1/files/")
+            got = http.get(doc["download_url"], headers=DRIVER, timeout=30)
+            assert got.status_code == 200
+            assert got.content == body
+
+            [push] = wait_for(lambda: fcm.messages_for("phone-standalone"), what="the push")
+            assert push["data"]["document_id"] == doc_id
+            assert push["data"]["download_url"] == doc["download_url"]
+
+
+def test_cloudevent_function_refuses_a_malformed_event(
+    service_settings: Callable[..., Settings], tmp_path: Path, http: requests.Session,
+) -> None:
+    env = settings_env(service_settings())
+    base, storage = functions_framework("storage", "storage", "cloudevent", env,
+                                        tmp_path / "storage.log")
+    with storage:
+        resp = http.post(base + "/", data=b"{}", timeout=10, headers={
+            "ce-specversion": "1.0", "ce-id": "x", "ce-source": "/t",
+            "ce-type": "io.docproc.document.uploaded", "Content-Type": "application/json"})
+        # Invalid data can never succeed: 400, which Knative dead-letters without retrying.
+        assert resp.status_code == 400
+        assert "document_id" in resp.text
+        resp = http.post(base + "/", data=b"not an event", timeout=10)
+        assert 400 <= resp.status_code < 500
+
+
+def test_worker_refuses_to_start_without_a_broker(tmp_path: Path) -> None:
+    import subprocess
+
+    result = subprocess.run([str(BIN / "docproc"), "worker", "storage"], capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                        "DOCPROC_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "AMQP_URL" in result.stderr

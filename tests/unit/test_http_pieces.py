@@ -1,0 +1,100 @@
+"""Identity, signed links, file names and sealed fields: the small pieces of the HTTP layer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shared.errors import ApiError
+from shared.filenames import clean_filename
+from shared.identity import identity_from_headers
+from shared.links import LinkSigner, load_link_key
+from shared.sealed import SealError, seal, unseal
+
+
+def test_identity_comes_from_kong_headers() -> None:
+    ident = identity_from_headers({"X-Consumer-Username": "d1", "X-Consumer-Groups": "drivers"})
+    assert (ident.user_id, ident.role) == ("d1", "driver")
+    both = identity_from_headers({"X-Consumer-Username": "a1",
+                                  "X-Consumer-Groups": "drivers, agents"})
+    assert both.is_agent
+    for headers, status in [({}, 401), ({"X-Consumer-Username": "d1"}, 401),
+                            ({"X-Consumer-Username": "x\x00", "X-Consumer-Groups": "drivers"},
+                             401),
+                            ({"X-Consumer-Username": "d1", "X-Consumer-Groups": "vendors"}, 403)]:
+        with pytest.raises(ApiError) as info:
+            identity_from_headers(headers)
+        assert info.value.status == status
+
+
+def test_links_verify_and_refuse_forgery_and_expiry() -> None:
+    signer = LinkSigner(b"s" * 32, "https://api.test/")
+    link = signer.sign("a" * 32, ttl=60, now=1000)
+    assert link.url.startswith("https://api.test/v1/files/" + "a" * 32 + "?exp=1060&")
+    query = dict(p.split("=", 1) for p in link.url.split("?", 1)[1].split("&"))
+    path = "/v1/files/" + "a" * 32
+    signer.verify("GET", path, query["exp"], query["sig"], now=1000)
+    cases = [
+        ("GET", path, "1061", query["sig"], "invalid_link"),       # expiry stretched
+        ("GET", "/v1/files/" + "b" * 32, query["exp"], query["sig"], "invalid_link"),
+        ("DELETE", path, query["exp"], query["sig"], "invalid_link"),
+        ("GET", path, None, None, "invalid_link"),
+    ]
+    for method, p, exp, sig, code in cases:
+        with pytest.raises(ApiError) as info:
+            signer.verify(method, p, exp, sig, now=1000)
+        assert info.value.code == code
+    with pytest.raises(ApiError) as info:
+        signer.verify("GET", path, query["exp"], query["sig"], now=1061)
+    assert (info.value.status, info.value.code) == (403, "link_expired")
+    other = LinkSigner(b"t" * 32, "https://api.test")
+    with pytest.raises(ApiError):
+        other.verify("GET", path, query["exp"], query["sig"], now=1000)
+
+
+def test_link_key_is_generated_once_private(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    keys = Path(tmp_path) / "keys"
+    first = load_link_key(None, keys)
+    assert len(first) >= 32
+    assert load_link_key(None, keys) == first
+    assert (keys / "link.key").stat().st_mode & 0o777 == 0o600
+    assert load_link_key("configured-key-" + "x" * 20, keys) != first
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        (None, "document"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Users\\me\\scan.pdf", "scan.pdf"),
+        ("%2e%2e%2fsecret.pdf", "secret.pdf"),
+        ("evil\u202egpj.exe", "evilgpj.exe"),
+        ("bell\x07\x00.pdf", "bell.pdf"),
+        ("..", "document"),
+        (".hidden.pdf", "hidden.pdf"),
+        ("Lieferschein Müller.pdf", "Lieferschein Müller.pdf"),
+    ],
+)
+def test_file_names_are_cleaned(raw: str | None, clean: str) -> None:
+    assert clean_filename(raw) == clean
+
+
+def test_long_file_names_keep_their_extension_within_255_bytes() -> None:
+    name = clean_filename("é" * 5000 + ".pdf")
+    assert name.endswith(".pdf")
+    assert len(name.encode()) <= 255
+    name.encode().decode()  # still valid UTF-8 after the cut
+
+
+def test_sealed_values_are_bound_to_key_and_context() -> None:
+    key = os.urandom(32)
+    sealed = seal(key, b"https://link", b"doc-1")
+    assert b"https://link" not in sealed
+    assert unseal(key, sealed, b"doc-1") == b"https://link"
+    with pytest.raises(SealError):
+        unseal(key, sealed, b"doc-2")
+    with pytest.raises(SealError):
+        unseal(os.urandom(32), sealed, b"doc-1")
