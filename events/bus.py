@@ -24,7 +24,6 @@ from typing import Any
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent, from_json
 
-from events.cloudevent import summary
 from events.publisher import PublishError
 from events.subscriptions import RetryPolicy, Subscription, describe
 
@@ -71,6 +70,8 @@ class InProcessBus:
 
     def stop(self) -> None:
         with self._cond:
+            if self._stopping:
+                return
             self._stopping = True
             self._cond.notify_all()
         for q in self._queues.values():
@@ -169,8 +170,8 @@ class InProcessBus:
             os.fsync(fd)
         finally:
             os.close(fd)
-        log.error("%s: dead-lettered %s after %d attempt(s): %s", name,
-                  summary(from_json(payload)) if isinstance(event, dict) else "?", attempt,
+        event_id = event.get("id") if isinstance(event, dict) else None
+        log.error("%s: dead-lettered event %s after %d attempt(s): %s", name, event_id, attempt,
                   describe(exc))
 
     def dead_letters(self, name: str) -> list[dict[str, Any]]:

@@ -108,9 +108,24 @@ def _check_type(media_type: str, allowed: tuple[str, ...]) -> str:
 
 
 def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
+    """Feed the body to ``consume`` piece by piece; a body cut short is the client's error."""
     stream = request.stream
-    while chunk := stream.read(READ_SIZE):
+    received = 0
+    while True:
+        try:
+            chunk = stream.read(READ_SIZE)
+        except (ClientDisconnected, OSError) as exc:  # gunicorn's read errors are OSErrors
+            raise _incomplete() from exc
+        if not chunk:
+            break
+        received += len(chunk)
         consume(chunk)
+    if request.content_length is not None and received < request.content_length:
+        raise _incomplete()
+
+
+def _incomplete() -> ApiError:
+    return bad_request("the upload was cut short", code="incomplete_body")
 
 
 def upload(svc: Services, request: Request) -> Response:
@@ -151,8 +166,6 @@ def upload(svc: Services, request: Request) -> Response:
             writer.close()
     except _TooLarge:
         raise _too_large(settings.max_upload_bytes) from None
-    except ClientDisconnected:
-        raise bad_request("the upload was cut short", code="incomplete_body") from None
     except (ParseFailedException, ValueError) as exc:  # the multipart parser's complaints
         raise bad_request(f"malformed multipart body: {exc}", code="malformed_multipart") from None
     now = utcnow()

@@ -219,3 +219,21 @@ def test_broker_down_at_upload_is_503_and_keeps_nothing(
     _error(resp, 503, "unavailable")
     assert resp.headers["Retry-After"]
     _nothing_kept(small)
+
+
+def test_upload_cut_short_keeps_nothing(small: Running) -> None:
+    import socket
+
+    host, port = small.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: application/pdf\r\n"
+            b"X-Consumer-Username: driver-1\r\nX-Consumer-Groups: drivers\r\n"
+            b"Content-Length: 60000\r\n\r\n" + b"%PDF-1.7\n" + b"\0" * 20000)
+        sock.shutdown(socket.SHUT_WR)  # the client goes away mid-body
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"incomplete_body" in answer
+    _nothing_kept(small)
