@@ -18,13 +18,14 @@ from werkzeug.exceptions import BadRequest
 from events.cloudevent import MalformedEvent
 from events.publisher import AmqpPublisher, HttpSinkPublisher, Publisher
 from events.subscriptions import RetryPolicy
+from shared.audit import AuditLog
 from shared.blobstore import BlobStore
 from shared.cache import Cache, MemoryCache, RedisCache
 from shared.config import Settings, load_settings
 from shared.deliveries import DeliveryRepository
 from shared.documents import DocumentRepository
 from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
-from shared.links import LinkSigner, load_link_key
+from shared.links import LinkKey, LinkSigner, configured_keys
 from shared.mongo import MongoHandle, open_mongo
 from shared.push import FcmSender, OutboxSender, PushSender
 from shared.users import UserRepository
@@ -43,6 +44,7 @@ class Services:
     documents: DocumentRepository
     users: UserRepository
     deliveries: DeliveryRepository
+    audit: AuditLog
     blobs: BlobStore
     keys: KeyProvider
     cache: Cache
@@ -102,16 +104,23 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         documents=DocumentRepository(mongo.db),
         users=UserRepository(mongo.db, cache),
         deliveries=DeliveryRepository(mongo.db),
+        audit=AuditLog(mongo.db),
         blobs=BlobStore(settings.efs_root),
         keys=keys,
         cache=cache,
-        links=LinkSigner(load_link_key(settings.link_key, settings.keys_dir), settings.public_url),
+        links=LinkSigner(link_keys(settings), settings.public_url),
         push=push,
         publisher=publisher,
     )
-    for repo in (svc.documents, svc.users, svc.deliveries):
+    for repo in (svc.documents, svc.users, svc.deliveries, svc.audit):
         repo.ensure_indexes()
     return svc
+
+
+def link_keys(settings: Settings) -> list[LinkKey]:
+    until = settings.link_previous_key_until
+    return configured_keys(settings.link_key, settings.link_previous_key,
+                           until.timestamp() if until else None, settings.keys_dir)
 
 
 _current: Services | None = None

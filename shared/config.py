@@ -6,6 +6,7 @@ Each external service is optional: leaving its variable unset selects the embedd
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
@@ -58,7 +59,15 @@ class Settings(BaseSettings):
     link_ttl_seconds: int = Field(
         default=7 * 24 * 3600, gt=0, validation_alias="DOCPROC_LINK_TTL_SECONDS"
     )
-    link_key: str | None = Field(default=None, validation_alias="DOCPROC_LINK_KEY")
+    link_key: str | None = Field(default=None, min_length=32,
+                                 validation_alias="DOCPROC_LINK_KEY")
+    link_previous_key: str | None = Field(default=None, min_length=32,
+                                          validation_alias="DOCPROC_LINK_PREVIOUS_KEY")
+    # Until when links signed with the previous key are still accepted.
+    link_previous_key_until: datetime | None = Field(
+        default=None, validation_alias="DOCPROC_LINK_PREVIOUS_KEY_UNTIL")
+    link_grace_seconds: int = Field(default=7 * 24 * 3600, ge=0,
+                                    validation_alias="DOCPROC_LINK_GRACE_SECONDS")
     # Prefix of RabbitMQ exchange and queue names; lets several installations (or test runs)
     # share one broker without seeing each other's events.
     amqp_prefix: str = Field(
@@ -102,7 +111,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("amqp_url", "mongodb_uri", "redis_url", "kms_key_id", "k_sink", "link_key",
-                     "fcm_endpoint", "public_url_override", mode="before")
+                     "link_previous_key", "fcm_endpoint", "public_url_override", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # An exported-but-empty variable means "not configured", as shells make that easy.
@@ -110,7 +119,8 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("firebase_credentials", "efs_root_override", mode="before")
+    @field_validator("firebase_credentials", "efs_root_override", "link_previous_key_until",
+                     mode="before")
     @classmethod
     def _blank_path_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

@@ -20,6 +20,10 @@ class Status(StrEnum):
     STORED = "stored"
     REJECTED = "rejected"
     FAILED = "failed"
+    DELETED = "deleted"
+
+
+KINDS = ("proof_of_delivery", "bill_of_lading", "receipt", "photo", "other")
 
 
 class Document(BaseModel):
@@ -34,7 +38,13 @@ class Document(BaseModel):
     status: Status = Status.PROCESSING
     created_at: datetime
     updated_at: datetime
-    wrapped_key: dict[str, Any]
+    # None once crypto-shredded: without it the ciphertext is noise, whoever holds a copy.
+    wrapped_key: dict[str, Any] | None
+    kind: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    note: str | None = None
+    deleted_at: datetime | None = None
+    deleted_by: str | None = None
     media_type: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     reason: str | None = None
@@ -46,10 +56,16 @@ class Document(BaseModel):
 
     @property
     def key(self) -> WrappedKey:
+        if self.wrapped_key is None:
+            raise DocumentShredded(self.id)
         return WrappedKey.from_doc(self.wrapped_key)
 
     def to_mongo(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class DocumentShredded(Exception):
+    """The document was deleted and its data key destroyed."""
 
 
 class DuplicateIdempotencyKey(Exception):
@@ -81,10 +97,18 @@ class DocumentRepository:
             [("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"
         )
         self.col.create_index([("owner", ASCENDING), ("sha256", ASCENDING)], name="owner_sha256")
+        # One index per browse filter, each ending in the sort order, so every page is an
+        # index range scan (SecantusDB, like MongoDB, is slow on unindexed queries).
+        self.col.create_index([("created_at", DESCENDING), ("_id", DESCENDING)], name="newest")
+        for field in ("status", "media_type", "kind", "filename_folded"):
+            self.col.create_index(
+                [(field, ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+                name=f"{field}_newest",
+            )
 
     def insert(self, doc: Document) -> None:
         try:
-            self.col.insert_one(doc.to_mongo())
+            self.col.insert_one({**doc.to_mongo(), "filename_folded": doc.filename.casefold()})
         except DuplicateKeyError:
             if doc.idempotency_key is not None:
                 existing = self.by_idempotency_key(doc.owner, doc.idempotency_key)
@@ -119,4 +143,31 @@ class DocumentRepository:
         )
 
     def delete(self, doc_id: str) -> None:
+        """Remove a record that was never accepted (its upload failed before the 202)."""
         self.col.delete_one({"_id": doc_id})
+
+    def update(self, doc_id: str, changes: dict[str, Any]) -> Document | None:
+        raw = self.col.find_one_and_update(
+            {"_id": doc_id, "status": {"$ne": Status.DELETED.value}},
+            {"$set": {**changes, "updated_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return Document.model_validate(raw) if raw else None
+
+    def tombstone(self, doc_id: str, by: str) -> Document | None:
+        """Crypto-shred: destroy the wrapped data key and the sealed link, keep who and when."""
+        now = utcnow()
+        raw = self.col.find_one_and_update(
+            {"_id": doc_id, "status": {"$ne": Status.DELETED.value}},
+            {
+                "$set": {"status": Status.DELETED.value, "deleted_at": now, "deleted_by": by,
+                         "updated_at": now, "wrapped_key": None},
+                "$unset": {"download_url_enc": "", "download_url_expires": ""},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        return Document.model_validate(raw) if raw else None
+
+    def page(self, query: dict[str, Any], limit: int) -> list[Document]:
+        raw = self.col.find(query).sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+        return [Document.model_validate(r) for r in raw.limit(limit)]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from pymongo.errors import AutoReconnect, ConnectionFailure, ServerSelectionTimeoutError
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map
@@ -22,6 +23,7 @@ from shared.errors import ApiError
 log = logging.getLogger(__name__)
 
 Endpoint = Callable[..., Response]
+M = TypeVar("M", bound=BaseModel)
 _UNAVAILABLE = (ServerSelectionTimeoutError, AutoReconnect, ConnectionFailure)
 
 
@@ -65,6 +67,18 @@ def matches(routes: Map, request: Request) -> bool:
         # A 405 still means the path is ours.
         return exc.code == 405
     return True
+
+
+def parse_body(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """The JSON body validated into ``model``; 400 naming every problem otherwise."""
+    if optional and not request.content_length and request.mimetype != "application/json":
+        return model()
+    try:
+        return model.model_validate(read_json(request))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ApiError(400, "invalid_body", problems) from None
 
 
 def read_json(request: Request, limit: int = 64 * 1024) -> Any:

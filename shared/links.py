@@ -1,18 +1,27 @@
-"""Signed, expiring download links.
+"""Signed, expiring download links, with signing keys that can be rotated.
 
-A link is ``<public url>/v1/files/<id>?exp=<unix seconds>&kid=<key id>&sig=<signature>`` where
-the signature is HMAC-SHA256 over the method, the path and the expiry. It proves the link was
-minted by the system and is still valid; the download function also checks who is asking.
+A link is ``<public url>/v1/files/<id>?exp=<unix seconds>&kid=<key id>&sig=<signature>``;
+the signature is HMAC-SHA256 over the method, the path and the expiry. It proves the system
+minted the link and that it is still valid; the download function also checks who asks.
+
+Keys come from ``DOCPROC_LINK_KEY`` (with an optional previous key still accepted until a
+given time), or from ``<data dir>/keys/link-keys.json``, generated on first use and rotated by
+``docproc keys rotate-link``: links signed with the previous key keep working for a grace
+period, then answer 403.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -20,6 +29,8 @@ from urllib.parse import urlencode
 from shared.errors import ApiError
 
 FILES_PREFIX = "/v1/files/"
+KEYRING_FILE = "link-keys.json"
+MIN_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -28,57 +39,118 @@ class SignedLink:
     expires: int
 
 
+@dataclass(frozen=True)
+class LinkKey:
+    secret: bytes
+    # Links signed with a retired key are accepted until then (unix seconds).
+    accept_until: float | None = None
+
+    @property
+    def kid(self) -> str:
+        return hashlib.sha256(self.secret).hexdigest()[:8]
+
+
 class LinkSigner:
-    def __init__(self, key: bytes, public_url: str) -> None:
-        if len(key) < 32:
-            raise ValueError("link signing key must be at least 32 bytes")
-        self._key = key
-        self.kid = hashlib.sha256(key).hexdigest()[:8]
+    def __init__(self, keys: Sequence[LinkKey], public_url: str) -> None:
+        if not keys:
+            raise ValueError("at least one link signing key is needed")
+        for key in keys:
+            if len(key.secret) < MIN_KEY_BYTES:
+                raise ValueError(f"link signing keys must be at least {MIN_KEY_BYTES} bytes")
+        self.active = keys[0]
+        self._by_kid = {k.kid: k for k in keys}
         self.public_url = public_url.rstrip("/")
 
-    def _sign(self, method: str, path: str, expires: int) -> str:
+    @property
+    def kid(self) -> str:
+        return self.active.kid
+
+    @staticmethod
+    def _sign(key: LinkKey, method: str, path: str, expires: int) -> str:
         msg = f"{method}\n{path}\n{expires}".encode()
-        digest = hmac.new(self._key, msg, hashlib.sha256).digest()
+        digest = hmac.new(key.secret, msg, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def sign(self, doc_id: str, ttl: int, now: float | None = None) -> SignedLink:
         expires = int((now if now is not None else time.time()) + ttl)
         path = FILES_PREFIX + doc_id
-        sig = self._sign("GET", path, expires)
-        query = urlencode({"exp": expires, "kid": self.kid, "sig": sig})
+        sig = self._sign(self.active, "GET", path, expires)
+        query = urlencode({"exp": expires, "kid": self.active.kid, "sig": sig})
         return SignedLink(url=f"{self.public_url}{path}?{query}", expires=expires)
 
     def verify(self, method: str, path: str, exp: str | None, sig: str | None,
-               now: float | None = None) -> None:
+               kid: str | None = None, now: float | None = None) -> None:
+        now = now if now is not None else time.time()
         if not exp or not sig or not exp.isdigit():
             raise ApiError(403, "invalid_link", "the link is not signed")
-        expected = self._sign(method, path, int(exp))
-        if not hmac.compare_digest(expected, sig):
+        key = self._by_kid.get(kid or self.active.kid)
+        if key is None:
+            raise ApiError(403, "invalid_link", "the link was signed with an unknown key")
+        if not hmac.compare_digest(self._sign(key, method, path, int(exp)), sig):
             raise ApiError(403, "invalid_link", "the link signature is not valid")
-        if int(exp) < (now if now is not None else time.time()):
+        if key.accept_until is not None and key.accept_until < now:
+            raise ApiError(403, "link_key_retired",
+                           "the link was signed with a retired key; ask for a new one")
+        if int(exp) < now:
             raise ApiError(403, "link_expired", "the link has expired; ask for a new one")
 
 
-def load_link_key(configured: str | None, keys_dir: Path) -> bytes:
-    """The configured key, or one generated once into the data dir (mode 0600)."""
-    if configured is not None:
-        return configured.encode()
-    path = keys_dir / "link.key"
-    if path.exists():
-        return path.read_bytes().strip()
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # Written aside and hard-linked into place: a concurrent reader never sees a half key, and
-    # of two processes starting at once exactly one key wins.
-    tmp = keys_dir / f".link.key.{secrets.token_hex(4)}"
+def configured_keys(current: str | None, previous: str | None,
+                    previous_until: float | None, keys_dir: Path) -> list[LinkKey]:
+    """The signing keys from configuration, else from the data dir's keyring file."""
+    if current is not None:
+        keys = [LinkKey(current.encode())]
+        if previous is not None:
+            keys.append(LinkKey(previous.encode(), accept_until=previous_until or 0.0))
+        return keys
+    return load_keyring(keys_dir)
+
+
+def load_keyring(keys_dir: Path) -> list[LinkKey]:
+    with _locked(keys_dir) as path:
+        if not path.exists():
+            _write(path, [{"secret": secrets.token_urlsafe(48), "accept_until": None}])
+        return _read(path)
+
+
+def rotate_keyring(keys_dir: Path, grace_seconds: float, now: float | None = None) -> LinkKey:
+    """A new active key; the old active one is accepted for ``grace_seconds`` more."""
+    now = now if now is not None else time.time()
+    with _locked(keys_dir) as path:
+        entries = json.loads(path.read_text())["keys"] if path.exists() else []
+        for entry in entries:
+            if entry["accept_until"] is None:
+                entry["accept_until"] = now + grace_seconds
+        # Keys past their grace are dropped: nothing they signed is accepted any more.
+        entries = [e for e in entries if e["accept_until"] is None or e["accept_until"] > now]
+        entries.insert(0, {"secret": secrets.token_urlsafe(48), "accept_until": None})
+        _write(path, entries)
+        return _read(path)[0]
+
+
+def _read(path: Path) -> list[LinkKey]:
+    entries = json.loads(path.read_text())["keys"]
+    return [LinkKey(e["secret"].encode(), e["accept_until"]) for e in entries]
+
+
+def _write(path: Path, entries: list[dict[str, object]]) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(secrets.token_urlsafe(48).encode())
+    with os.fdopen(fd, "w") as out:
+        json.dump({"keys": entries}, out)
         out.flush()
         os.fsync(out.fileno())
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    return path.read_bytes().strip()
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(keys_dir: Path) -> Iterator[Path]:
+    # Processes sharing a data dir must agree on one keyring, so creation and rotation are
+    # serialised with an exclusive lock.
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (keys_dir / ".link-keys.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield keys_dir / KEYRING_FILE
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

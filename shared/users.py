@@ -1,24 +1,35 @@
-"""Users and their FCM device tokens (MongoDB), with read-through caching."""
+"""Users (the seed's User Service): Kong consumers, their role and status, their FCM device
+tokens. MongoDB holds them; lookups read through the cache, and every write invalidates it."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
 
 from shared.cache import Cache
 from shared.documents import utcnow
-from shared.identity import Identity
+from shared.identity import Identity, Role
+from shared.pagination import decode_cursor, encode_cursor
 
 Platform = Literal["android", "ios", "web"]
+Status = Literal["active", "disabled"]
 USER_CACHE_TTL = 300.0
+_RANK = {"driver": 0, "agent": 1}
+
+
+def device_id(token: str) -> str:
+    """A stable handle for a token, so the token itself (a credential) never sits in a URL."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 class Device(BaseModel):
+    id: str
     token: str
     platform: Platform
     added_at: datetime
@@ -29,10 +40,33 @@ class User(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     id: str = Field(alias="_id")
-    role: str
-    status: Literal["active", "disabled"] = "active"
+    # The role Kong's ACL groups gave the consumer when last seen.
+    role: Role
+    # An agent may restrict a consumer to driver rights; Kong's groups stay the ceiling.
+    role_limit: Role | None = None
+    display_name: str | None = None
+    status: Status = "active"
     created_at: datetime
+    updated_at: datetime | None = None
     devices: list[Device] = Field(default_factory=list)
+
+    def effective_role(self, kong_role: Role) -> Role:
+        if self.role_limit is not None and _RANK[self.role_limit] < _RANK[kong_role]:
+            return self.role_limit
+        return kong_role
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.effective_role(self.role),
+            "kong_role": self.role,
+            "role_limit": self.role_limit,
+            "display_name": self.display_name,
+            "status": self.status,
+            "created_at": self.created_at.isoformat(),
+            "devices": [{"id": d.id, "platform": d.platform, "added_at": d.added_at.isoformat(),
+                         "last_seen": d.last_seen.isoformat()} for d in self.devices],
+        }
 
 
 class UserRepository:
@@ -42,6 +76,8 @@ class UserRepository:
 
     def ensure_indexes(self) -> None:
         self.col.create_index([("devices.token", ASCENDING)], name="device_token")
+        self.col.create_index([("role", ASCENDING), ("_id", ASCENDING)], name="role_id")
+        self.col.create_index([("status", ASCENDING), ("_id", ASCENDING)], name="status_id")
 
     def get(self, user_id: str) -> User | None:
         cached = self.cache.get(_key(user_id))
@@ -55,7 +91,7 @@ class UserRepository:
         return user
 
     def ensure(self, identity: Identity) -> User:
-        """The caller's user record, provisioned or re-roled from Kong's groups when needed."""
+        """The caller's record, provisioned on first sight and kept in step with Kong's groups."""
         user = self.get(identity.user_id)
         if user is None or user.role != identity.role:
             self.provision(identity)
@@ -64,7 +100,6 @@ class UserRepository:
         return user
 
     def provision(self, identity: Identity) -> None:
-        """Create the user on first sight; Kong's groups stay the authority for the role."""
         now = utcnow()
         result = self.col.update_one(
             {"_id": identity.user_id},
@@ -77,6 +112,27 @@ class UserRepository:
         if result.upserted_id is not None or result.modified_count:
             self.cache.delete(_key(identity.user_id))
 
+    def update(self, user_id: str, changes: dict[str, Any]) -> User | None:
+        raw = self.col.find_one_and_update(
+            {"_id": user_id}, {"$set": {**changes, "updated_at": utcnow()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        self.cache.delete(_key(user_id))
+        return User.model_validate(raw) if raw else None
+
+    def page(self, limit: int, cursor: str | None, role: str | None = None,
+             status: str | None = None) -> tuple[list[User], str | None]:
+        query: dict[str, Any] = {}
+        if cursor is not None:
+            query["_id"] = {"$gt": decode_cursor(cursor, 1)[0]}
+        if role:
+            query["role"] = role
+        if status:
+            query["status"] = status
+        raw = list(self.col.find(query).sort("_id", ASCENDING).limit(limit + 1))
+        users = [User.model_validate(r) for r in raw[:limit]]
+        return users, encode_cursor(users[-1].id) if len(raw) > limit else None
+
     def add_device(self, identity: Identity, token: str, platform: Platform) -> bool:
         """Register a token; repeating it only refreshes last_seen. True when it was new."""
         self.provision(identity)
@@ -87,7 +143,8 @@ class UserRepository:
         )
         added = False
         if refreshed.matched_count == 0:
-            device = {"token": token, "platform": platform, "added_at": now, "last_seen": now}
+            device = {"id": device_id(token), "token": token, "platform": platform,
+                      "added_at": now, "last_seen": now}
             result = self.col.update_one(
                 {"_id": identity.user_id, "devices.token": {"$ne": token}},
                 {"$push": {"devices": device}},
@@ -95,6 +152,11 @@ class UserRepository:
             added = result.modified_count == 1
         self.cache.delete(_key(identity.user_id))
         return added
+
+    def remove_device(self, user_id: str, device: str) -> bool:
+        result = self.col.update_one({"_id": user_id}, {"$pull": {"devices": {"id": device}}})
+        self.cache.delete(_key(user_id))
+        return result.modified_count == 1
 
     def remove_tokens(self, user_id: str, tokens: list[str]) -> int:
         if not tokens:

@@ -1,260 +1,50 @@
-"""Documents function (the seed's Document Processor Service): upload and status.
+"""Documents function (the seed's Document Processor Service, and browsing for agents).
 
-``POST /v1/documents`` streams the body into an encrypted staging object (the claim check),
-records the document as `processing` and publishes ``document.uploaded``; ``GET
-/v1/documents/{id}`` reports where it stands. Run alone with
-``functions-framework --source functions/documents/main.py --target documents``.
+Run alone with ``functions-framework --source functions/documents/main.py --target documents``.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from contextlib import suppress
-from datetime import UTC, datetime, timedelta
-from typing import Any
-
 import functions_framework
-from streaming_form_data import StreamingFormDataParser
-from streaming_form_data.parser import ParseFailedException
-from streaming_form_data.targets import BaseTarget
-from werkzeug.exceptions import ClientDisconnected
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from docproc.apidoc import asyncapi, openapi
 from docproc.runtime import Services, services
-from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
-from events.cloudevent import make_event
-from events.publisher import PublishError
-from shared.blobstore import Area
-from shared.documents import Document, DuplicateIdempotencyKey, Status, utcnow
-from shared.envelope import EnvelopeWriter
-from shared.errors import ApiError, bad_request, not_found, unavailable
-from shared.filenames import clean_filename
+from functions.documents import manage
+from functions.documents.upload import upload
 from shared.http import Endpoint, dispatch, json_response
-from shared.identity import Identity, identity_from_headers
-from shared.ids import is_document_id, new_document_id
-from shared.inspection import normalize_media_type
-from shared.sealed import SealError, seal, unseal
-
-log = logging.getLogger(__name__)
-
-READ_SIZE = 256 * 1024
-MAX_IDEMPOTENCY_KEY = 255
-# A link about to expire is replaced rather than handed out.
-LINK_REFRESH_MARGIN = timedelta(hours=1)
 
 ROUTES = Map([
     Rule("/v1/documents", methods=["POST"], endpoint="upload"),
+    Rule("/v1/documents", methods=["GET"], endpoint="browse"),
     Rule("/v1/documents/<doc_id>", methods=["GET"], endpoint="status"),
+    Rule("/v1/documents/<doc_id>", methods=["PATCH"], endpoint="patch"),
+    Rule("/v1/documents/<doc_id>", methods=["DELETE"], endpoint="delete"),
+    Rule("/v1/documents/<doc_id>/link", methods=["POST"], endpoint="link"),
+    Rule("/v1/openapi.json", methods=["GET"], endpoint="openapi"),
+    Rule("/v1/asyncapi.json", methods=["GET"], endpoint="asyncapi"),
 ])
 
 
-class _TooLarge(Exception):
-    pass
+def _openapi(svc: Services, request: Request) -> Response:
+    return json_response(openapi(svc.settings.public_url))
 
 
-class _Sink:
-    """Counts plaintext into the encryptor and stops at the configured limit."""
-
-    def __init__(self, writer: EnvelopeWriter, limit: int) -> None:
-        self.writer = writer
-        self.limit = limit
-
-    def write(self, data: bytes) -> None:
-        if self.writer.plaintext_size + len(data) > self.limit:
-            raise _TooLarge
-        self.writer.write(data)
+def _asyncapi(svc: Services, request: Request) -> Response:
+    return json_response(asyncapi())
 
 
-class _FilePart(BaseTarget):  # type: ignore[misc]
-    """Feeds the multipart `file` part straight into the encryptor, never to a temp file."""
-
-    def __init__(self, sink: _Sink, allowed: tuple[str, ...]) -> None:
-        super().__init__()
-        self.sink = sink
-        self.allowed = allowed
-        self.seen = False
-        self.media_type: str | None = None
-
-    def on_start(self) -> None:
-        if self.seen:
-            raise bad_request("send exactly one `file` part")
-        self.seen = True
-
-    def check_type(self) -> str:
-        # The parser learns the part's Content-Type after on_start, so check on first data.
-        if self.media_type is None:
-            declared = normalize_media_type(self.multipart_content_type or "")
-            self.media_type = _check_type(declared, self.allowed)
-        return self.media_type
-
-    def on_data_received(self, chunk: bytes) -> None:
-        self.check_type()
-        self.sink.write(chunk)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "too_large", f"documents are limited to {limit} bytes")
-
-
-def _check_type(media_type: str, allowed: tuple[str, ...]) -> str:
-    if media_type not in allowed:
-        raise ApiError(
-            415, "unsupported_media_type",
-            f"{media_type or 'no type'} is not accepted; send one of {', '.join(allowed)}",
-        )
-    return media_type
-
-
-def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
-    """Feed the body to ``consume`` piece by piece; a body cut short is the client's error."""
-    stream = request.stream
-    received = 0
-    while True:
-        try:
-            chunk = stream.read(READ_SIZE)
-        except (ClientDisconnected, OSError) as exc:  # gunicorn's read errors are OSErrors
-            raise _incomplete() from exc
-        if not chunk:
-            break
-        received += len(chunk)
-        consume(chunk)
-    if request.content_length is not None and received < request.content_length:
-        raise _incomplete()
-
-
-def _incomplete() -> ApiError:
-    return bad_request("the upload was cut short", code="incomplete_body")
-
-
-def upload(svc: Services, request: Request) -> Response:
-    ident = identity_from_headers(request.headers)
-    settings = svc.settings
-    key = request.headers.get("Idempotency-Key")
-    if key is not None:
-        if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
-            raise bad_request("Idempotency-Key must be 1-255 printable characters")
-        previous = svc.documents.by_idempotency_key(ident.user_id, key)
-        if previous is not None:
-            return _accepted(previous)
-    if request.content_length is not None and request.content_length > settings.max_upload_bytes:
-        raise _too_large(settings.max_upload_bytes)
-    multipart = request.mimetype == "multipart/form-data"
-    declared = "" if multipart else _check_type(normalize_media_type(request.mimetype),
-                                                 settings.allowed_types)
-    filename = request.headers.get("X-Filename")
-    doc_id = new_document_id()
-    data_key, wrapped = svc.keys.generate({"document_id": doc_id})
-    try:
-        with svc.blobs.writer(Area.STAGING, doc_id) as staged:
-            writer = EnvelopeWriter(data_key, staged, associated_data=doc_id.encode())
-            sink = _Sink(writer, settings.max_upload_bytes)
-            if multipart:
-                part = _FilePart(sink, settings.allowed_types)
-                parser = StreamingFormDataParser(headers={"Content-Type": request.content_type})
-                parser.register("file", part)
-                _pump(request, parser.data_received)
-                if not part.seen:
-                    raise bad_request("multipart upload without a `file` part")
-                declared = part.check_type()
-                filename = part.multipart_filename
-            else:
-                _pump(request, sink.write)
-            if writer.plaintext_size == 0:
-                raise bad_request("the document is empty", code="empty_document")
-            writer.close()
-    except _TooLarge:
-        raise _too_large(settings.max_upload_bytes) from None
-    except (ParseFailedException, ValueError) as exc:  # the multipart parser's complaints
-        raise bad_request(f"malformed multipart body: {exc}", code="malformed_multipart") from None
-    now = utcnow()
-    doc = Document(
-        _id=doc_id, owner=ident.user_id, filename=clean_filename(filename),
-        declared_type=declared, size=writer.plaintext_size, sha256=writer.sha256_hex(),
-        status=Status.PROCESSING, created_at=now, updated_at=now,
-        wrapped_key=wrapped.to_doc(), idempotency_key=key, upload_event_id=new_document_id(),
-    )
-    try:
-        _record_and_announce(svc, ident, doc)
-    except DuplicateIdempotencyKey as dup:
-        # A concurrent retry of the same upload won the race; ours leaves no trace.
-        svc.blobs.delete(Area.STAGING, doc_id)
-        return _accepted(dup.existing)
-    except BaseException:
-        svc.blobs.delete(Area.STAGING, doc_id)
-        raise
-    log.info("accepted document %s (%d bytes) from %s", doc_id, doc.size, ident.user_id)
-    return _accepted(doc)
-
-
-def _record_and_announce(svc: Services, ident: Identity, doc: Document) -> None:
-    svc.users.ensure(ident)
-    svc.documents.insert(doc)
-    event = make_event(
-        DOCUMENT_UPLOADED, svc.settings.event_source, doc.id,
-        DocumentUploaded(document_id=doc.id, owner=doc.owner, filename=doc.filename,
-                         declared_type=doc.declared_type, size=doc.size, sha256=doc.sha256),
-        event_id=doc.upload_event_id,
-    )
-    try:
-        svc.publish(event)
-    except PublishError as exc:
-        # Not announced means not accepted: take the record back so nothing half-exists.
-        log.error("could not publish %s: %s", event["id"], exc)
-        with suppress(Exception):
-            svc.documents.delete(doc.id)
-        raise unavailable("the event broker is unavailable, retry later") from exc
-
-
-def _accepted(doc: Document) -> Response:
-    location = f"/v1/documents/{doc.id}"
-    return json_response({"id": doc.id, "status": doc.status.value}, 202, {"Location": location})
-
-
-def status(svc: Services, request: Request, doc_id: str) -> Response:
-    ident = identity_from_headers(request.headers)
-    doc = svc.documents.get(doc_id) if is_document_id(doc_id) else None
-    if doc is None or (doc.owner != ident.user_id and not ident.is_agent):
-        raise not_found()
-    return json_response(describe(svc, doc))
-
-
-def describe(svc: Services, doc: Document) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": doc.id,
-        "status": doc.status.value,
-        "filename": doc.filename,
-        "media_type": doc.media_type or doc.declared_type,
-        "size": doc.size,
-        "sha256": doc.sha256,
-        "created_at": doc.created_at.isoformat(),
-    }
-    if doc.metadata:
-        body["metadata"] = doc.metadata
-    if doc.status == Status.STORED:
-        body["download_url"] = current_link(svc, doc)
-    if doc.reason and doc.status in (Status.REJECTED, Status.FAILED):
-        body["reason"] = doc.reason
-    return body
-
-
-def current_link(svc: Services, doc: Document) -> str:
-    """The stored link while it is comfortably valid, else a fresh one (stored in its place)."""
-    data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
-    expires = doc.download_url_expires
-    if doc.download_url_enc and expires and expires - LINK_REFRESH_MARGIN > datetime.now(UTC):
-        with suppress(SealError):
-            return unseal(data_key, doc.download_url_enc, doc.id.encode()).decode()
-    link = svc.links.sign(doc.id, svc.settings.link_ttl_seconds)
-    svc.documents.set_download_url(
-        doc.id, seal(data_key, link.url.encode(), doc.id.encode()),
-        datetime.fromtimestamp(link.expires, UTC),
-    )
-    return link.url
-
-
-ENDPOINTS: dict[str, Endpoint] = {"upload": upload, "status": status}
+ENDPOINTS: dict[str, Endpoint] = {
+    "upload": upload,
+    "browse": manage.browse,
+    "status": manage.status,
+    "patch": manage.patch,
+    "delete": manage.delete,
+    "link": manage.new_link,
+    "openapi": _openapi,
+    "asyncapi": _asyncapi,
+}
 
 
 def handle(svc: Services, request: Request) -> Response:

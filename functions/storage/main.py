@@ -54,6 +54,9 @@ def handle(svc: Services, event: CloudEvent) -> None:
         # The upload was withdrawn before it was acknowledged; nothing to store.
         log.warning("document %s from event %s does not exist", data.document_id, event["id"])
         return
+    if doc.status == Status.DELETED:
+        log.info("document %s was deleted before it was stored", doc.id)
+        return
     if doc.status != Status.PROCESSING:
         # A redelivery after the outcome was recorded: announce it again (same event id, so
         # consumers see a duplicate, not a second outcome).
@@ -75,8 +78,14 @@ def handle(svc: Services, event: CloudEvent) -> None:
         finished = svc.documents.finish(doc.id, verdict.status, reason=verdict.reason,
                                         media_type=verdict.media_type)
     current = finished or svc.documents.get(doc.id)
-    if current is not None:
-        _announce(svc, current)
+    if current is None:
+        return
+    if current.status == Status.DELETED:
+        # Deleted while we worked: whatever we moved into place goes too.
+        for leftover in Area:
+            svc.blobs.delete(leftover, doc.id)
+        return
+    _announce(svc, current)
 
 
 def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdict:

@@ -202,7 +202,7 @@ def test_device_registration_is_idempotent_and_validated(
     assert user is not None
     assert [d.token for d in user.devices] == ["fcm-token-1"]
     _error(http.post(url, json={"token": "t", "platform": "symbian"}, headers=DRIVER,
-                     timeout=10), 400, "invalid_device")
+                     timeout=10), 400, "invalid_body")
     _error(http.post(url, data="{", headers={**DRIVER, "Content-Type": "application/json"},
                      timeout=10), 400, "invalid_json")
     _error(http.post(url, json=device, timeout=10), 401, "unauthenticated")

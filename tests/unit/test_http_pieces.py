@@ -9,7 +9,7 @@ import pytest
 from shared.errors import ApiError
 from shared.filenames import clean_filename
 from shared.identity import identity_from_headers
-from shared.links import LinkSigner, load_link_key
+from shared.links import LinkKey, LinkSigner, load_keyring, rotate_keyring
 from shared.sealed import SealError, seal, unseal
 
 
@@ -29,7 +29,7 @@ def test_identity_comes_from_kong_headers() -> None:
 
 
 def test_links_verify_and_refuse_forgery_and_expiry() -> None:
-    signer = LinkSigner(b"s" * 32, "https://api.test/")
+    signer = LinkSigner([LinkKey(b"s" * 32)], "https://api.test/")
     link = signer.sign("a" * 32, ttl=60, now=1000)
     assert link.url.startswith("https://api.test/v1/files/" + "a" * 32 + "?exp=1060&")
     query = dict(p.split("=", 1) for p in link.url.split("?", 1)[1].split("&"))
@@ -48,20 +48,46 @@ def test_links_verify_and_refuse_forgery_and_expiry() -> None:
     with pytest.raises(ApiError) as info:
         signer.verify("GET", path, query["exp"], query["sig"], now=1061)
     assert (info.value.status, info.value.code) == (403, "link_expired")
-    other = LinkSigner(b"t" * 32, "https://api.test")
+    other = LinkSigner([LinkKey(b"t" * 32)], "https://api.test")
     with pytest.raises(ApiError):
         other.verify("GET", path, query["exp"], query["sig"], now=1000)
 
 
-def test_link_key_is_generated_once_private(tmp_path: os.PathLike[str]) -> None:
+def test_link_keyring_is_generated_once_private_and_rotates_with_grace(
+    tmp_path: os.PathLike[str],
+) -> None:
     from pathlib import Path
 
     keys = Path(tmp_path) / "keys"
-    first = load_link_key(None, keys)
-    assert len(first) >= 32
-    assert load_link_key(None, keys) == first
-    assert (keys / "link.key").stat().st_mode & 0o777 == 0o600
-    assert load_link_key("configured-key-" + "x" * 20, keys) != first
+    first = load_keyring(keys)
+    assert len(first) == 1
+    assert len(first[0].secret) >= 32
+    assert load_keyring(keys) == first
+    assert (keys / "link-keys.json").stat().st_mode & 0o777 == 0o600
+
+    old = LinkSigner(first, "https://api.test")
+    link = old.sign("a" * 32, ttl=3600, now=1000)
+    query = dict(p.split("=", 1) for p in link.url.split("?", 1)[1].split("&"))
+    path = "/v1/files/" + "a" * 32
+
+    rotate_keyring(keys, grace_seconds=600, now=1000)
+    rotated = load_keyring(keys)
+    assert rotated[0] != first[0]
+    assert rotated[1].secret == first[0].secret
+    new = LinkSigner(rotated, "https://api.test")
+    assert new.kid != old.kid
+    # within the grace period the old key's links still work...
+    new.verify("GET", path, query["exp"], query["sig"], query["kid"], now=1500)
+    # ...past it they are refused, although the link itself has not expired
+    with pytest.raises(ApiError) as info:
+        new.verify("GET", path, query["exp"], query["sig"], query["kid"], now=1700)
+    assert (info.value.status, info.value.code) == (403, "link_key_retired")
+    fresh = new.sign("a" * 32, ttl=3600, now=1700)
+    fq = dict(p.split("=", 1) for p in fresh.url.split("?", 1)[1].split("&"))
+    new.verify("GET", path, fq["exp"], fq["sig"], fq["kid"], now=1700)
+    # a second rotation past the grace drops the retired key altogether
+    rotate_keyring(keys, grace_seconds=600, now=5000)
+    assert len(load_keyring(keys)) == 2
 
 
 @pytest.mark.parametrize(
