@@ -52,6 +52,34 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apidoc(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from docproc.apidoc import asyncapi, openapi
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, doc in (("openapi.json", openapi(args.server)), ("asyncapi.json", asyncapi())):
+        (out / name).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {out / name}")
+    return 0
+
+
+def _rotate_link_key(args: argparse.Namespace) -> int:
+    from shared.links import rotate_keyring
+
+    settings = load_settings()
+    if settings.link_key:
+        raise ConfigError("DOCPROC_LINK_KEY: the signing key comes from configuration; rotate "
+                          "it there (move it to DOCPROC_LINK_PREVIOUS_KEY with "
+                          "DOCPROC_LINK_PREVIOUS_KEY_UNTIL, set a new DOCPROC_LINK_KEY)")
+    key = rotate_keyring(settings.keys_dir, settings.link_grace_seconds)
+    print(f"new link signing key {key.kid}; links signed before stay valid for "
+          f"{settings.link_grace_seconds} s")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from docproc.demo import run_demo
 
@@ -75,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("name", choices=sorted(EVENT_FUNCTIONS))
     worker.add_argument("--concurrency", type=int, default=None)
     worker.set_defaults(func=_worker)
+
+    apidoc = sub.add_parser("apidoc", help="write the OpenAPI and AsyncAPI documents")
+    apidoc.add_argument("--out", default="docs", help="directory (default: docs)")
+    apidoc.add_argument("--server", default="https://api.docproc.example",
+                        help="server URL written into the OpenAPI document")
+    apidoc.set_defaults(func=_apidoc)
+
+    keys = sub.add_parser("keys", help="manage keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    rotate_link = keys_sub.add_parser("rotate-link", help="rotate the link signing key")
+    rotate_link.set_defaults(func=_rotate_link_key)
 
     demo = sub.add_parser("demo", help="start the pipeline and send a sample document through it")
     demo.add_argument("--keep-running", action="store_true",

@@ -23,7 +23,7 @@ AGENT = kong("agent-1", "agents")
 def upload(http: requests.Session, base: str, body: bytes, media_type: str,
            filename: str = "doc", headers: dict[str, str] | None = None) -> requests.Response:
     return http.post(f"{base}/v1/documents", data=body, timeout=60, headers={
-        **(headers or DRIVER), "Content-Type": media_type, "X-Filename": filename})
+        "X-Filename": filename, **(headers or DRIVER), "Content-Type": media_type})
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:

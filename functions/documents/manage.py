@@ -118,7 +118,9 @@ def browse(svc: Services, request: Request) -> Response:
     items = [view(svc, d) for d in docs[:limit]]
     more = len(docs) > limit
     cursor = encode_cursor(docs[limit - 1].created_at, docs[limit - 1].id) if more else None
-    return _json(DocumentPage(items=items, next_cursor=cursor))
+    page = DocumentPage(items=items, next_cursor=cursor)
+    return json_response({"items": [i.model_dump(mode="json", exclude_none=True)
+                                    for i in page.items], "next_cursor": page.next_cursor})
 
 
 def _timestamp(name: str, raw: str) -> datetime:
