@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from docproc.outbox import OutboxRelay
     from docproc.registry import EVENT_FUNCTIONS
     from docproc.runtime import build_services
     from events.runner import RabbitRunner
@@ -45,9 +46,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    relay = OutboxRelay(svc).start()
     try:
         runner.run()
     finally:
+        relay.stop()
         svc.close()
     return 0
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
+from docproc.outbox import OutboxRelay
 from docproc.registry import EVENT_FUNCTIONS, HTTP_FUNCTIONS
 from docproc.runtime import Services, build_services
 from events.bus import InProcessBus
@@ -36,11 +37,15 @@ class Pipeline:
                     settings.amqp_url, settings.amqp_prefix, make(self.services), policy,
                     settings.worker_concurrency))
         else:
-            self.bus = InProcessBus(policy, settings.dead_letter_dir,
-                                    concurrency=min(settings.worker_concurrency, 4))
-            self.services = build_services(settings, publisher=self.bus)
+            self.services = build_services(settings)
+            self.bus = InProcessBus(policy, self.services.mongo.db,
+                                    concurrency=min(settings.worker_concurrency, 4),
+                                    exclusive=settings.mongodb_uri is None)
+            self.services.publisher = self.bus
             for make in EVENT_FUNCTIONS.values():
                 self.bus.subscribe(make(self.services))
+
+        self.relay = OutboxRelay(self.services)
 
     @property
     def svc(self) -> Services:
@@ -49,6 +54,7 @@ class Pipeline:
     def start(self) -> Pipeline:
         if self.bus is not None:
             self.bus.start()
+        self.relay.start()
         for runner in self.runners:
             t = threading.Thread(target=runner.run, name=f"worker-{runner.sub.name}", daemon=True)
             t.start()
@@ -59,6 +65,7 @@ class Pipeline:
         return self
 
     def stop(self) -> None:
+        self.relay.stop()
         for runner in self.runners:
             runner.stop()
         for t in self._threads:

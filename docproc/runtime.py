@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from werkzeug.exceptions import BadRequest
@@ -101,7 +102,7 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
     svc = Services(
         settings=settings,
         mongo=mongo,
-        documents=DocumentRepository(mongo.db),
+        documents=DocumentRepository(mongo.db, timedelta(seconds=settings.outbox_grace_seconds)),
         users=UserRepository(mongo.db, cache),
         deliveries=DeliveryRepository(mongo.db),
         audit=AuditLog(mongo.db),
@@ -133,7 +134,11 @@ def services() -> Services:
     if _current is None:
         with _lock:
             if _current is None:
+                from docproc.outbox import OutboxRelay
+
                 _current = build_services(load_settings())
+                # A function run alone publishes too, so it relays its leftovers as well.
+                OutboxRelay(_current).start()
     return _current
 
 

@@ -1,181 +1,169 @@
-"""The embedded event bus: RabbitMQ's semantics for one process with no broker installed.
+"""The embedded event bus: RabbitMQ's semantics for one installation with no broker.
 
-Each subscription gets its own queue and worker threads; a failed event is retried after the
-same backoff delays as on RabbitMQ and then dead-lettered, with its reason, to
-``<data dir>/dead-letters/<function>.jsonl``. Events cross the bus in their structured JSON
-form, as they would cross a wire, so a handler never shares objects with the publisher.
+Messages live in the MongoDB database (the embedded SecantusDB, durable on disk), one per
+subscribed function, so an event accepted before a crash is still there after a restart.
+A worker leases a message, runs the handler and deletes it (the ack); a failed message waits
+out the same backoff delays as on RabbitMQ and after the last attempt moves to the dead
+letters with its reason. Workers in this process are woken at once on publish; otherwise
+they poll, which also picks up retries that have come due.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import json
 import logging
-import os
-import queue
 import threading
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent, from_json
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.database import Database
 
 from events.publisher import PublishError
 from events.subscriptions import RetryPolicy, Subscription, describe
 
 log = logging.getLogger(__name__)
 
+LEASE = timedelta(seconds=120)
+POLL_SECONDS = 0.5
+QUEUE = "bus_messages"
+DEAD = "bus_dead_letters"
 
-@dataclass(order=True)
-class _Delayed:
-    due: float
-    seq: int
-    name: str
-    payload: bytes
-    attempt: int
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class InProcessBus:
-    def __init__(self, policy: RetryPolicy, dead_letter_dir: Path, concurrency: int = 2) -> None:
+    def __init__(self, policy: RetryPolicy, db: Database[dict[str, Any]],
+                 concurrency: int = 2, *, exclusive: bool = False) -> None:
+        """``exclusive``: this process alone uses the database (the embedded one), so leases
+        left by a killed predecessor can be released at start instead of waited out."""
         self.policy = policy
-        self.dead_letter_dir = dead_letter_dir
+        self.queue = db[QUEUE]
+        self.dead = db[DEAD]
         self.concurrency = concurrency
+        self.exclusive = exclusive
         self._subs: dict[str, Subscription] = {}
-        self._queues: dict[str, queue.Queue[tuple[bytes, int] | None]] = {}
-        self._delayed: list[_Delayed] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._inflight = 0
+        self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._busy = 0
 
     def subscribe(self, sub: Subscription) -> None:
         self._subs[sub.name] = sub
-        self._queues[sub.name] = queue.Queue()
 
     def start(self) -> None:
+        self.queue.create_index([("fn", ASCENDING), ("due_at", ASCENDING)], name="fn_due")
+        self.dead.create_index([("fn", ASCENDING), ("at", ASCENDING)], name="fn_at")
+        if self.exclusive:
+            self.queue.update_many({}, {"$set": {"lease_until": None}})
         for name in self._subs:
             for i in range(self.concurrency):
                 t = threading.Thread(target=self._worker, args=(name,), daemon=True,
                                      name=f"bus-{name}-{i}")
                 t.start()
                 self._threads.append(t)
-        t = threading.Thread(target=self._scheduler, daemon=True, name="bus-scheduler")
-        t.start()
-        self._threads.append(t)
 
     def stop(self) -> None:
-        with self._cond:
+        with self._wake:
             if self._stopping:
                 return
             self._stopping = True
-            self._cond.notify_all()
-        for q in self._queues.values():
-            for _ in range(self.concurrency):
-                q.put(None)
+            self._wake.notify_all()
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=10)
+
+    def close(self) -> None:
+        self.stop()
 
     def publish(self, event: CloudEvent) -> None:
         targets = [s.name for s in self._subs.values() if event["type"] in s.types]
         if not targets:
             # RabbitMQ's mandatory flag would refuse it too: nobody would ever see it.
             raise PublishError(f"no subscriber for {event['type']}")
-        payload = to_json(event)
-        with self._cond:
-            self._inflight += len(targets)
-        for name in targets:
-            self._queues[name].put((payload, 1))
+        payload = to_json(event).decode()
+        now = _now()
+        try:
+            self.queue.insert_many([
+                {"_id": uuid.uuid4().hex, "fn": name, "event": payload, "attempt": 1,
+                 "due_at": now, "lease_until": None, "event_id": str(event["id"]),
+                 "created_at": now}
+                for name in targets
+            ])
+        except Exception as exc:  # the database is the broker here
+            raise PublishError(f"could not queue event {event['id']}: {exc}") from exc
+        with self._wake:
+            self._wake.notify_all()
 
-    def close(self) -> None:
-        self.stop()
+    def pending(self) -> int:
+        return self.queue.count_documents({})
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """True once no event is queued, running or waiting for a retry."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._inflight:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+        while time.monotonic() < deadline:
+            if self._busy == 0 and self.pending() == 0:
+                return True
+            time.sleep(0.05)
+        return False
 
-    def _done(self) -> None:
-        with self._cond:
-            self._inflight -= 1
-            self._cond.notify_all()
+    def _claim(self, name: str) -> dict[str, Any] | None:
+        now = _now()
+        return self.queue.find_one_and_update(
+            {"fn": name, "due_at": {"$lte": now},
+             "$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}]},
+            {"$set": {"lease_until": now + LEASE}},
+            sort=[("due_at", ASCENDING)], return_document=ReturnDocument.AFTER,
+        )
 
     def _worker(self, name: str) -> None:
         sub = self._subs[name]
-        q = self._queues[name]
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            payload, attempt = item
+        while not self._stopping:
             try:
-                event = from_json(payload)
-                sub.handler(event)
+                message = self._claim(name)
             except Exception as exc:
-                self._failed(name, payload, attempt, exc)
-            else:
-                self._done()
+                log.warning("bus: cannot read the queue (%s); retrying", exc)
+                message = None
+            if message is None:
+                with self._wake:
+                    if not self._stopping:
+                        self._wake.wait(POLL_SECONDS)
+                continue
+            self._busy += 1
+            try:
+                self._run(sub, message)
+            finally:
+                self._busy -= 1
 
-    def _failed(self, name: str, payload: bytes, attempt: int, exc: BaseException) -> None:
+    def _run(self, sub: Subscription, message: dict[str, Any]) -> None:
+        try:
+            sub.handler(from_json(message["event"]))
+        except Exception as exc:
+            self._failed(sub.name, message, exc)
+            return
+        self.queue.delete_one({"_id": message["_id"]})
+
+    def _failed(self, name: str, message: dict[str, Any], exc: BaseException) -> None:
+        attempt = int(message["attempt"])
         delay = self.policy.delay_after(attempt, exc)
         log.warning("%s: handler failed (attempt %d): %s", name, attempt, describe(exc))
         if delay is None:
-            self._dead_letter(name, payload, attempt, exc)
-            self._done()
+            self.dead.insert_one({
+                "_id": message["_id"], "fn": name, "event": message["event"],
+                "event_id": message.get("event_id"), "reason": describe(exc),
+                "attempts": attempt, "at": _now(),
+            })
+            self.queue.delete_one({"_id": message["_id"]})
+            log.error("%s: dead-lettered event %s after %d attempt(s): %s", name,
+                      message.get("event_id"), attempt, describe(exc))
             return
-        with self._cond:
-            heapq.heappush(self._delayed, _Delayed(time.monotonic() + delay, next(self._seq),
-                                                   name, payload, attempt + 1))
-            self._cond.notify_all()
-
-    def _scheduler(self) -> None:
-        with self._cond:
-            while not self._stopping:
-                now = time.monotonic()
-                while self._delayed and self._delayed[0].due <= now:
-                    item = heapq.heappop(self._delayed)
-                    self._queues[item.name].put((item.payload, item.attempt))
-                timeout = self._delayed[0].due - now if self._delayed else None
-                self._cond.wait(timeout)
-
-    def _dead_letter(self, name: str, payload: bytes, attempt: int, exc: BaseException) -> None:
-        event: Any
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            event = payload.decode(errors="replace")
-        record = {
-            "function": name,
-            "reason": describe(exc),
-            "attempts": attempt,
-            "dead_lettered_at": datetime.now(UTC).isoformat(),
-            "event": event,
-        }
-        self.dead_letter_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.dead_letter_dir / f"{name}.jsonl"
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        event_id = event.get("id") if isinstance(event, dict) else None
-        log.error("%s: dead-lettered event %s after %d attempt(s): %s", name, event_id, attempt,
-                  describe(exc))
+        self.queue.update_one({"_id": message["_id"]}, {"$set": {
+            "attempt": attempt + 1, "due_at": _now() + timedelta(seconds=delay),
+            "lease_until": None, "last_error": describe(exc)}})
 
     def dead_letters(self, name: str) -> list[dict[str, Any]]:
-        path = self.dead_letter_dir / f"{name}.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        return list(self.dead.find({"fn": name}).sort("at", ASCENDING))

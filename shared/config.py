@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
         default=(1.0, 5.0, 30.0, 120.0), validation_alias="DOCPROC_RETRY_DELAYS"
     )
+    outbox_grace_seconds: float = Field(default=10.0, ge=0,
+                                        validation_alias="DOCPROC_OUTBOX_GRACE_SECONDS")
+    relay_interval_seconds: float = Field(default=2.0, gt=0,
+                                          validation_alias="DOCPROC_RELAY_INTERVAL_SECONDS")
     worker_concurrency: int = Field(
         default=4, ge=1, le=256, validation_alias="DOCPROC_WORKER_CONCURRENCY"
     )
@@ -183,10 +187,6 @@ class Settings(BaseSettings):
     @property
     def embedded_mongo_dir(self) -> Path:
         return self.data_dir / "mongo"
-
-    @property
-    def dead_letter_dir(self) -> Path:
-        return self.data_dir / "dead-letters"
 
 
 def load_settings(**overrides: object) -> Settings:

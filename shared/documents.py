@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -53,6 +54,10 @@ class Document(BaseModel):
     download_url_expires: datetime | None = None
     idempotency_key: str | None = None
     upload_event_id: str
+    # The transactional outbox: events recorded atomically with the state they announce,
+    # removed once the broker confirmed them; the relay publishes what a crash left behind.
+    outbox: list[dict[str, str]] = Field(default_factory=list)
+    outbox_due: datetime | None = None
 
     @property
     def key(self) -> WrappedKey:
@@ -62,6 +67,19 @@ class Document(BaseModel):
 
     def to_mongo(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)
+
+
+# How long the request that recorded an event gets to publish it before a relay steps in.
+DEFAULT_OUTBOX_GRACE = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    id: str
+    payload: str  # the CloudEvent in structured JSON
+
+    def entry(self) -> dict[str, str]:
+        return {"id": self.id, "event": self.payload}
 
 
 class DocumentShredded(Exception):
@@ -79,8 +97,10 @@ def utcnow() -> datetime:
 
 
 class DocumentRepository:
-    def __init__(self, db: Database[dict[str, Any]]) -> None:
+    def __init__(self, db: Database[dict[str, Any]],
+                 outbox_grace: timedelta = DEFAULT_OUTBOX_GRACE) -> None:
         self.col: Collection[dict[str, Any]] = db["documents"]
+        self.outbox_grace = outbox_grace
 
     def ensure_indexes(self) -> None:
         self.col.create_index(
@@ -97,6 +117,7 @@ class DocumentRepository:
             [("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"
         )
         self.col.create_index([("owner", ASCENDING), ("sha256", ASCENDING)], name="owner_sha256")
+        self.col.create_index([("outbox_due", ASCENDING)], name="outbox_due", sparse=True)
         # One index per browse filter, each ending in the sort order, so every page is an
         # index range scan (SecantusDB, like MongoDB, is slow on unindexed queries).
         self.col.create_index([("created_at", DESCENDING), ("_id", DESCENDING)], name="newest")
@@ -106,9 +127,13 @@ class DocumentRepository:
                 name=f"{field}_newest",
             )
 
-    def insert(self, doc: Document) -> None:
+    def insert(self, doc: Document, event: OutboxEvent | None = None) -> None:
+        raw = {**doc.to_mongo(), "filename_folded": doc.filename.casefold()}
+        if event is not None:
+            raw["outbox"] = [event.entry()]
+            raw["outbox_due"] = utcnow() + self.outbox_grace
         try:
-            self.col.insert_one({**doc.to_mongo(), "filename_folded": doc.filename.casefold()})
+            self.col.insert_one(raw)
         except DuplicateKeyError:
             if doc.idempotency_key is not None:
                 existing = self.by_idempotency_key(doc.owner, doc.idempotency_key)
@@ -125,16 +150,43 @@ class DocumentRepository:
         return Document.model_validate(raw) if raw else None
 
     def finish(
-        self, doc_id: str, status: Status, **fields: Any
+        self, doc_id: str, status: Status, event: OutboxEvent | None = None, **fields: Any
     ) -> Document | None:
-        """Move a `processing` document to its outcome; None when it had already left it."""
+        """Move a `processing` document to its outcome, recording the event that announces it
+        in the same write; None when the document had already left `processing`."""
         now = utcnow()
+        update: dict[str, Any] = {"$set": {"status": status.value, "updated_at": now, **fields}}
+        if event is not None:
+            update["$push"] = {"outbox": event.entry()}
+            update["$set"]["outbox_due"] = now + self.outbox_grace
         raw = self.col.find_one_and_update(
-            {"_id": doc_id, "status": Status.PROCESSING.value},
-            {"$set": {"status": status.value, "updated_at": now, **fields}},
+            {"_id": doc_id, "status": Status.PROCESSING.value}, update,
             return_document=ReturnDocument.AFTER,
         )
         return Document.model_validate(raw) if raw else None
+
+    def published(self, doc_id: str, event_id: str) -> None:
+        """The broker confirmed the event: take it out of the outbox."""
+        self.col.update_one({"_id": doc_id}, {"$pull": {"outbox": {"id": event_id}}})
+        self.col.update_one({"_id": doc_id, "outbox": {"$size": 0}},
+                            {"$unset": {"outbox_due": ""}})
+
+    def claim_outbox(self, lease: timedelta) -> Document | None:
+        """A document with events left unpublished, leased so relays don't all take it."""
+        now = utcnow()
+        raw = self.col.find_one_and_update(
+            {"outbox_due": {"$lte": now}}, {"$set": {"outbox_due": now + lease}},
+            sort=[("outbox_due", ASCENDING)], return_document=ReturnDocument.AFTER,
+        )
+        return Document.model_validate(raw) if raw else None
+
+    def reschedule_outbox(self, doc_id: str, after: timedelta) -> None:
+        self.col.update_one({"_id": doc_id, "outbox_due": {"$exists": True}},
+                            {"$set": {"outbox_due": utcnow() + after}})
+
+    def stuck(self, older_than: datetime, limit: int = 1000) -> list[Document]:
+        raw = self.col.find({"status": Status.PROCESSING.value, "updated_at": {"$lt": older_than}})
+        return [Document.model_validate(r) for r in raw.sort("updated_at", ASCENDING).limit(limit)]
 
     def set_download_url(self, doc_id: str, url_enc: bytes, expires: datetime) -> None:
         self.col.update_one(

@@ -79,6 +79,8 @@ def service_settings(
             "firebase_credentials": credentials,
             "fcm_endpoint": fcm.base_url,
             "retry_delays": FAST_RETRIES,
+            "outbox_grace_seconds": 0.5,
+            "relay_interval_seconds": 0.2,
         }
         values.update(overrides)
         settings = load_settings(**values)

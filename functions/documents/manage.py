@@ -48,7 +48,7 @@ def visible(svc: Services, ident: Identity, doc_id: str) -> Document:
     return doc
 
 
-def view(svc: Services, doc: Document) -> DocumentView:
+def view(svc: Services, doc: Document, with_link: bool = True) -> DocumentView:
     out = DocumentView(
         id=doc.id, owner=doc.owner, status=doc.status.value,
         filename=doc.filename, media_type=doc.media_type or doc.declared_type, size=doc.size,
@@ -56,7 +56,7 @@ def view(svc: Services, doc: Document) -> DocumentView:
         tags=doc.tags, note=doc.note, metadata=doc.metadata, deleted_at=doc.deleted_at,
         deleted_by=doc.deleted_by,
     )
-    if doc.status == Status.STORED:
+    if with_link and doc.status == Status.STORED:
         out.download_url, out.download_url_expires = current_link(svc, doc)
     if doc.reason and doc.status in (Status.REJECTED, Status.FAILED):
         out.reason = doc.reason
@@ -115,7 +115,9 @@ def browse(svc: Services, request: Request) -> Response:
         text = args["q"].casefold()[:100]
         query["filename_folded"] = {"$regex": re.escape(text)}
     docs = svc.documents.page(query, limit + 1)
-    items = [view(svc, d) for d in docs[:limit]]
+    # Pages carry no links: each would cost a data-key unwrap (a KMS call in production);
+    # GET /v1/documents/{id} or POST .../link gives one when it is wanted.
+    items = [view(svc, d, with_link=False) for d in docs[:limit]]
     more = len(docs) > limit
     cursor = encode_cursor(docs[limit - 1].created_at, docs[limit - 1].id) if more else None
     page = DocumentPage(items=items, next_cursor=cursor)

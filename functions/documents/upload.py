@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import suppress
 
 from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.parser import ParseFailedException
@@ -13,18 +12,17 @@ from streaming_form_data.targets import BaseTarget, ValueTarget
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
+from docproc.outbox import outbox_event, publish_recorded
 from docproc.runtime import Services
 from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
-from events.publisher import PublishError
 from shared.access import authenticate
 from shared.blobstore import Area
 from shared.documents import KINDS, Document, DuplicateIdempotencyKey, Status, utcnow
 from shared.envelope import EnvelopeWriter
-from shared.errors import ApiError, bad_request, unavailable
+from shared.errors import ApiError, bad_request
 from shared.filenames import clean_filename
 from shared.http import json_response
-from shared.identity import Identity
 from shared.ids import new_document_id
 from shared.inspection import normalize_media_type
 from shared.schemas import Accepted
@@ -174,7 +172,7 @@ def upload(svc: Services, request: Request) -> Response:
         wrapped_key=wrapped.to_doc(), idempotency_key=key, upload_event_id=new_document_id(),
     )
     try:
-        _record_and_announce(svc, ident, doc)
+        _record_and_announce(svc, doc)
     except DuplicateIdempotencyKey as dup:
         # A concurrent retry of the same upload won the race; ours leaves no trace.
         svc.blobs.delete(Area.STAGING, doc_id)
@@ -186,22 +184,17 @@ def upload(svc: Services, request: Request) -> Response:
     return accepted(doc)
 
 
-def _record_and_announce(svc: Services, ident: Identity, doc: Document) -> None:
-    svc.documents.insert(doc)
+def _record_and_announce(svc: Services, doc: Document) -> None:
     event = make_event(
         DOCUMENT_UPLOADED, svc.settings.event_source, doc.id,
         DocumentUploaded(document_id=doc.id, owner=doc.owner, filename=doc.filename,
                          declared_type=doc.declared_type, size=doc.size, sha256=doc.sha256),
         event_id=doc.upload_event_id,
     )
-    try:
-        svc.publish(event)
-    except PublishError as exc:
-        # Not announced means not accepted: take the record back so nothing half-exists.
-        log.error("could not publish %s: %s", event["id"], exc)
-        with suppress(Exception):
-            svc.documents.delete(doc.id)
-        raise unavailable("the event broker is unavailable, retry later") from exc
+    # The record and its event are one write: once it succeeds the upload is accepted, and
+    # if the broker is away now the outbox relay publishes the event when it is back.
+    svc.documents.insert(doc, outbox_event(event))
+    publish_recorded(svc, doc.id, event)
 
 
 def accepted(doc: Document) -> Response:

@@ -20,6 +20,7 @@ from typing import Any
 import functions_framework
 from cloudevents.http import CloudEvent
 
+from docproc.outbox import outbox_event, publish_recorded
 from docproc.runtime import Services, as_http_status, services
 from events.catalog import (
     DOCUMENT_REJECTED,
@@ -69,15 +70,25 @@ def handle(svc: Services, event: CloudEvent) -> None:
         if area == Area.STAGING:
             svc.blobs.promote(doc.id)
         link = svc.links.sign(doc.id, svc.settings.link_ttl_seconds)
+        expires = datetime.fromtimestamp(link.expires, UTC)
+        event_out = _stored_event(svc, doc, verdict.media_type or doc.declared_type, link.url,
+                                  expires)
         finished = svc.documents.finish(
-            doc.id, Status.STORED, media_type=verdict.media_type, metadata=verdict.metadata,
+            doc.id, Status.STORED, outbox_event(event_out), media_type=verdict.media_type,
+            metadata=verdict.metadata,
             download_url_enc=seal(data_key, link.url.encode(), doc.id.encode()),
-            download_url_expires=datetime.fromtimestamp(link.expires, UTC),
+            download_url_expires=expires,
         )
     else:
-        finished = svc.documents.finish(doc.id, verdict.status, reason=verdict.reason,
-                                        media_type=verdict.media_type)
-    current = finished or svc.documents.get(doc.id)
+        event_out = _rejected_event(svc, doc, verdict.status, verdict.reason)
+        finished = svc.documents.finish(doc.id, verdict.status, outbox_event(event_out),
+                                        reason=verdict.reason, media_type=verdict.media_type)
+    if finished is not None:
+        if finished.status != Status.STORED:
+            svc.blobs.delete(Area.STAGING, doc.id)
+        publish_recorded(svc, doc.id, event_out)
+        return
+    current = svc.documents.get(doc.id)
     if current is None:
         return
     if current.status == Status.DELETED:
@@ -122,31 +133,42 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
     return Verdict(Status.STORED, media_type=media_type, metadata=metadata)
 
 
+def _stored_event(svc: Services, doc: Document, media_type: str, url: str,
+                  expires: datetime) -> CloudEvent:
+    return make_event(
+        DOCUMENT_STORED, svc.settings.event_source, doc.id,
+        DocumentStored(document_id=doc.id, owner=doc.owner, filename=doc.filename,
+                       media_type=media_type, size=doc.size, sha256=doc.sha256,
+                       download_url=url, download_url_expires=int(expires.timestamp())),
+        event_id=f"{doc.id}.stored",
+    )
+
+
+def _rejected_event(svc: Services, doc: Document, status: Status,
+                    reason: str | None) -> CloudEvent:
+    return make_event(
+        DOCUMENT_REJECTED, svc.settings.event_source, doc.id,
+        DocumentRejected(document_id=doc.id, owner=doc.owner, filename=doc.filename,
+                         reason=reason or "not accepted"),
+        event_id=f"{doc.id}.{status.value}",
+    )
+
+
 def _announce(svc: Services, doc: Document) -> None:
-    source = svc.settings.event_source
+    """Publish the recorded outcome of a finished document again (same event id)."""
     if doc.status == Status.STORED:
-        data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
         if doc.download_url_enc is None or doc.download_url_expires is None:
             raise RuntimeError(f"stored document {doc.id} has no download link")
+        data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
         url = unseal(data_key, doc.download_url_enc, doc.id.encode()).decode()
-        event = make_event(
-            DOCUMENT_STORED, source, doc.id,
-            DocumentStored(document_id=doc.id, owner=doc.owner, filename=doc.filename,
-                           media_type=doc.media_type or doc.declared_type, size=doc.size,
-                           sha256=doc.sha256, download_url=url,
-                           download_url_expires=int(doc.download_url_expires.timestamp())),
-            event_id=f"{doc.id}.stored",
-        )
+        event = _stored_event(svc, doc, doc.media_type or doc.declared_type, url,
+                              doc.download_url_expires)
     else:
         # Whatever is left of a document that was not stored is useless: remove it.
         svc.blobs.delete(Area.STAGING, doc.id)
-        event = make_event(
-            DOCUMENT_REJECTED, source, doc.id,
-            DocumentRejected(document_id=doc.id, owner=doc.owner, filename=doc.filename,
-                             reason=doc.reason or "not accepted"),
-            event_id=f"{doc.id}.{doc.status.value}",
-        )
+        event = _rejected_event(svc, doc, doc.status, doc.reason)
     svc.publish(event)
+    svc.documents.published(doc.id, str(event["id"]))
 
 
 def subscription(svc: Services) -> Subscription:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pika
+import pymongo
 import pytest
 from cloudevents.http import CloudEvent
 
@@ -24,6 +24,7 @@ from shared.documents import Document, Status, utcnow
 from shared.ids import new_document_id
 from tests.conftest import Running
 from tests.helpers import wait_for
+from tests.services import MongoServer, unique
 
 pytestmark = pytest.mark.services
 
@@ -127,8 +128,17 @@ def test_runner_retries_a_transient_failure_then_succeeds_once(
         thread.join(10)
 
 
-def test_embedded_bus_has_the_same_retry_and_dead_letter_semantics(tmp_path: Path) -> None:
-    bus = InProcessBus(RetryPolicy((0.05, 0.1)), tmp_path / "dead", concurrency=2)
+@pytest.fixture
+def bus_db(mongo: MongoServer) -> Iterator[Any]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo.uri)
+    name = unique("bus_test_")
+    yield client[name]
+    client.drop_database(name)
+    client.close()
+
+
+def test_embedded_bus_has_the_same_retry_and_dead_letter_semantics(bus_db: Any) -> None:
+    bus = InProcessBus(RetryPolicy((0.05, 0.1)), bus_db, concurrency=2)
     calls = {"always": 0}
 
     def always(event: CloudEvent) -> None:
@@ -147,5 +157,23 @@ def test_embedded_bus_has_the_same_retry_and_dead_letter_semantics(tmp_path: Pat
     [dead] = bus.dead_letters("storage")
     assert dead["reason"] == "RuntimeError: disk full"
     assert dead["attempts"] == 3
-    assert dead["event"]["id"] == event["id"]
-    assert dead["event"]["data"]["document_id"] == event.data["document_id"]
+    stored = json.loads(dead["event"])
+    assert stored["id"] == event["id"]
+    assert stored["data"]["document_id"] == event.data["document_id"]
+
+
+def test_embedded_bus_keeps_events_across_a_restart(bus_db: Any) -> None:
+    """Queued events survive the process: a new bus on the same database delivers them."""
+    first = InProcessBus(RetryPolicy((0.05,)), bus_db, concurrency=1)
+    first.subscribe(Subscription("storage", lambda e: None))
+    event = _event()
+    first.publish(event)  # never started: as if the process died right after accepting it
+    seen: list[str] = []
+    second = InProcessBus(RetryPolicy((0.05,)), bus_db, concurrency=1, exclusive=True)
+    second.subscribe(Subscription("storage", lambda e: seen.append(str(e["id"]))))
+    second.start()
+    try:
+        assert second.wait_idle(10)
+    finally:
+        second.stop()
+    assert seen == [event["id"]]

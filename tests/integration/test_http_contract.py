@@ -4,11 +4,13 @@ Every refusal is a JSON error and leaves nothing behind: no staged object, no re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import pymongo
 import pytest
 import requests
 
@@ -211,11 +213,42 @@ def test_device_registration_is_idempotent_and_validated(
     assert len(me["devices"]) == 1
 
 
-def test_broker_down_at_upload_is_503_and_keeps_nothing(
+def test_broker_down_at_upload_is_accepted_and_published_later(
     small: Running, http: requests.Session,
 ) -> None:
+    """The record and its event are one write: with the broker away the upload is still
+    accepted, and the outbox relay publishes the event once the broker is back."""
+    working = small.svc.publisher
     small.svc.publisher = AmqpPublisher("amqp://guest:guest@127.0.0.1:1/%2F", "nowhere", (1.0,))
-    resp = upload(http, small.base_url, samples.pdf(), "application/pdf")
+    try:
+        resp = upload(http, small.base_url, samples.pdf(), "application/pdf")
+        assert resp.status_code == 202
+        doc_id = resp.json()["id"]
+        record = small.svc.documents.get(doc_id)
+        assert record is not None
+        assert [e["id"] for e in record.outbox] == [record.upload_event_id]
+        time.sleep(1.0)  # the relay tries too, and fails as well
+        assert small.svc.documents.get(doc_id).status.value == "processing"
+    finally:
+        small.svc.publisher = working
+    assert settled(http, small.base_url, doc_id)["status"] == "stored"
+    assert small.svc.documents.get(doc_id).outbox == []
+
+
+def test_database_down_at_upload_is_503_and_keeps_nothing(
+    small: Running, http: requests.Session,
+) -> None:
+    from shared.documents import DocumentRepository
+
+    working = small.svc.documents
+    dead: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        "mongodb://127.0.0.1:1/", serverSelectionTimeoutMS=300)
+    small.svc.documents = DocumentRepository(dead["docproc"])
+    try:
+        resp = upload(http, small.base_url, samples.pdf(), "application/pdf")
+    finally:
+        small.svc.documents = working
+        dead.close()
     _error(resp, 503, "unavailable")
     assert resp.headers["Retry-After"]
     _nothing_kept(small)

@@ -1,0 +1,84 @@
+"""Publishing through the transactional outbox, and the relay that finishes the job.
+
+An event is written into its document's record in the same write as the state it announces
+(the upload's `processing` record, the storage outcome). The process then publishes it and,
+once the broker confirmed, removes it from the record. When publishing fails or the process
+dies in between, the event stays in the record and the relay, running in every process that
+publishes, sends it later: a document recorded as `processing` always has its event
+published. Consumers are idempotent, so the rare double publish changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from cloudevents.conversion import to_json
+from cloudevents.http import CloudEvent, from_json
+
+from docproc.runtime import NoTransport, Services
+from events.publisher import PublishError
+from shared.documents import OutboxEvent
+
+log = logging.getLogger(__name__)
+
+RELAY_LEASE = timedelta(seconds=30)
+
+
+def outbox_event(event: CloudEvent) -> OutboxEvent:
+    return OutboxEvent(id=str(event["id"]), payload=to_json(event).decode())
+
+
+def publish_recorded(svc: Services, doc_id: str, event: CloudEvent) -> bool:
+    """Publish an event already in the document's outbox; False leaves it to the relay."""
+    try:
+        svc.publish(event)
+    except (PublishError, NoTransport) as exc:
+        log.warning("event %s for document %s stays in the outbox: %s", event["id"], doc_id, exc)
+        return False
+    svc.documents.published(doc_id, str(event["id"]))
+    return True
+
+
+def relay_once(svc: Services, limit: int = 100, retry_after: timedelta = RELAY_LEASE) -> int:
+    """Publish what the outboxes hold; the number of events sent."""
+    sent = 0
+    for _ in range(limit):
+        doc = svc.documents.claim_outbox(RELAY_LEASE)
+        if doc is None:
+            break
+        for entry in doc.outbox:
+            if not publish_recorded(svc, doc.id, from_json(entry["event"])):
+                # The broker is away: look again soon, and leave the rest for then.
+                svc.documents.reschedule_outbox(doc.id, retry_after)
+                return sent
+            sent += 1
+    if sent:
+        log.info("outbox relay published %d event(s)", sent)
+    return sent
+
+
+class OutboxRelay:
+    def __init__(self, svc: Services, interval: float | None = None) -> None:
+        self.svc = svc
+        self.interval = interval or svc.settings.relay_interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> OutboxRelay:
+        self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                relay_once(self.svc, retry_after=timedelta(seconds=5 * self.interval))
+            except Exception as exc:  # a database outage must not kill the relay
+                log.warning("outbox relay: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
