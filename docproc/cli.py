@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, load_settings
+
+if TYPE_CHECKING:
+    from docproc.runtime import Services
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -83,6 +88,97 @@ def _rotate_link_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _services() -> Services:
+    """Services for a one-off command: RabbitMQ when configured, else the embedded bus's
+    queue in the database (which a running `docproc serve` shares)."""
+    from docproc.runtime import build_services
+    from events.bus import InProcessBus
+    from events.subscriptions import RetryPolicy
+
+    settings = load_settings()
+    svc = build_services(settings)
+    if svc.publisher is None:
+        svc.publisher = InProcessBus(RetryPolicy(settings.retry_delays), svc.mongo.db)
+    return svc
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from docproc.operations import check_function, dead_letters
+
+    fn = check_function(args.function)
+    ids = set(args.ids) if args.ids else None
+    if args.action in ("replay", "purge") and ids is None and not args.all:
+        raise ConfigError("name the dead letters to act on (ids), or pass --all")
+    svc = _services()
+    try:
+        store = dead_letters(svc)
+        if args.action == "list":
+            letters = store.list(fn)
+            for letter in letters:
+                print(letter.summary)
+            print(f"{len(letters)} dead letter(s) for {fn}")
+        elif args.action == "show":
+            for letter in store.list(fn):
+                if ids is None or letter.id in ids:
+                    print(json.dumps({"id": letter.id, "reason": letter.reason,
+                                      "attempts": letter.attempts, "event": letter.event},
+                                     indent=2, default=str))
+        elif args.action == "replay":
+            print(f"replayed {store.replay(fn, ids)} dead letter(s) to {fn}")
+        else:
+            print(f"purged {store.purge(fn, ids)} dead letter(s) of {fn}")
+    finally:
+        svc.close()
+    return 0
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    from docproc.operations import parse_age, reprocess
+
+    if not args.ids and args.status != "processing":
+        raise ConfigError("give document ids, or --status processing [--older-than AGE]")
+    svc = _services()
+    try:
+        done = reprocess(svc, args.ids or None,
+                         parse_age(args.older_than) if not args.ids else None)
+    finally:
+        svc.close()
+    for doc_id in done:
+        print(f"requeued {doc_id}")
+    print(f"{len(done)} document(s) sent to storage again")
+    return 0
+
+
+def _rotate_keys(args: argparse.Namespace) -> int:
+    from docproc.operations import rewrap_all
+    from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
+
+    settings = load_settings()
+    provider: KeyProvider
+    if args.kms_key:
+        provider = KmsKeyProvider(args.kms_key)
+    elif settings.kms_key_id:
+        raise ConfigError("KMS_KEY_ID: with KMS, rotate to a new key with --kms-key NEW_KEY "
+                          "(then set KMS_KEY_ID to it), or enable KMS automatic rotation, "
+                          "which needs no re-wrapping")
+    else:
+        ring = LocalKeyring(settings.keys_dir)
+        if not args.resume:
+            print(f"new key-encryption key {ring.rotate()}")
+        provider = ring
+    svc = _services()
+    try:
+        report = rewrap_all(svc, provider,
+                            lambda done, total: print(f"  {done}/{total} documents",
+                                                      flush=True))
+    finally:
+        svc.close()
+    print(report)
+    if args.kms_key:
+        print(f"now set KMS_KEY_ID={args.kms_key} everywhere")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from docproc.demo import run_demo
 
@@ -113,8 +209,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="server URL written into the OpenAPI document")
     apidoc.set_defaults(func=_apidoc)
 
+    dlq = sub.add_parser("dlq", help="inspect, replay or purge dead letters")
+    dlq.add_argument("action", choices=["list", "show", "replay", "purge"])
+    dlq.add_argument("function", help="storage or notification")
+    dlq.add_argument("ids", nargs="*", help="event ids (default: all for list/show)")
+    dlq.add_argument("--all", action="store_true", help="replay or purge every dead letter")
+    dlq.set_defaults(func=_dlq)
+
+    again = sub.add_parser("reprocess", help="send documents through storage again")
+    again.add_argument("ids", nargs="*", help="document ids")
+    again.add_argument("--status", choices=["processing"], default=None,
+                       help="every document stuck in this status")
+    again.add_argument("--older-than", default="10m", help="age like 90s, 10m, 2h (10m)")
+    again.set_defaults(func=_reprocess)
+
     keys = sub.add_parser("keys", help="manage keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = keys_sub.add_parser("rotate", help="new key-encryption key; re-wrap every "
+                                 "data key (documents untouched); safe to interrupt and rerun")
+    rotate.add_argument("--kms-key", help="the new KMS key (id, ARN or alias)")
+    rotate.add_argument("--resume", action="store_true",
+                        help="finish an interrupted rotation without making another key")
+    rotate.set_defaults(func=_rotate_keys)
     rotate_link = keys_sub.add_parser("rotate-link", help="rotate the link signing key")
     rotate_link.set_defaults(func=_rotate_link_key)
 
@@ -131,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pika").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, ValueError, LookupError) as exc:
         print(f"docproc: {exc}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,7 @@ class Pipeline:
             self.services = build_services(settings)
             self.bus = InProcessBus(policy, self.services.mongo.db,
                                     concurrency=min(settings.worker_concurrency, 4),
-                                    exclusive=settings.mongodb_uri is None)
+                                    exclusive=self.services.mongo.embedded is not None)
             self.services.publisher = self.bus
             for make in EVENT_FUNCTIONS.values():
                 self.bus.subscribe(make(self.services))

@@ -23,7 +23,7 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.database import Database
 
 from events.publisher import PublishError
-from events.subscriptions import RetryPolicy, Subscription, describe
+from events.subscriptions import ROUTES, RetryPolicy, Subscription, describe
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class InProcessBus:
         self.stop()
 
     def publish(self, event: CloudEvent) -> None:
-        targets = [s.name for s in self._subs.values() if event["type"] in s.types]
+        # The routing table, not this process's subscriptions, decides: a process that only
+        # publishes (a CLI command) queues for the workers of another.
+        targets = [fn for fn, types in ROUTES.items() if event["type"] in types]
         if not targets:
             # RabbitMQ's mandatory flag would refuse it too: nobody would ever see it.
             raise PublishError(f"no subscriber for {event['type']}")

@@ -150,7 +150,8 @@ class RabbitRunner:
             log.error("%s: dead-lettering message %s after %d attempt(s): %s",
                       self.sub.name, props.message_id, attempt, describe(error))
         else:
-            target = topology.retry_queue(self.prefix, self.sub.name, delay)
+            target = topology.retry_queue(self.prefix, self.sub.name,
+                                          self.policy.queue_delay(delay))
         new_props = pika.BasicProperties(
             content_type=props.content_type,
             delivery_mode=pika.DeliveryMode.Persistent,

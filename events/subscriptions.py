@@ -43,10 +43,17 @@ class RetryPolicy:
         return len(self.delays) + 1
 
     def delay_after(self, attempt: int, error: BaseException) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None to dead-letter now."""
+        """Seconds to wait before attempt ``attempt + 1``, or None to dead-letter now. An
+        error carrying ``retry_after`` (a server's Retry-After) waits at least that long."""
         if isinstance(error, MalformedEvent) or attempt > len(self.delays):
             return None
-        return self.delays[attempt - 1]
+        hint = getattr(error, "retry_after", None)
+        base = self.delays[attempt - 1]
+        return max(base, float(hint)) if isinstance(hint, int | float) else base
+
+    def queue_delay(self, delay: float) -> float:
+        """The configured delay (one RabbitMQ holding queue each) that honours ``delay``."""
+        return min((d for d in self.delays if d >= delay), default=max(self.delays))
 
 
 def describe(error: BaseException) -> str:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pymongo import MongoClient
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
 from shared.config import Settings
 
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # pymongo waits 30 s by default for a server; a request should fail fast with 503 instead.
 SERVER_SELECTION_TIMEOUT_MS = 3000
+EMBEDDED_URI_FILE = "mongo.uri"
 
 
 @dataclass
@@ -27,17 +30,37 @@ class MongoHandle:
     client: MongoClient[dict[str, Any]]
     db: Database[dict[str, Any]]
     embedded: Any = field(default=None, repr=False)
+    uri_file: Path | None = None
 
     def close(self) -> None:
         self.client.close()
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
+            if self.uri_file is not None:
+                self.uri_file.unlink(missing_ok=True)
+
+
+def running_embedded_uri(settings: Settings) -> str | None:
+    """The wire address of the embedded database another process serves right now, if any."""
+    marker = settings.data_dir / EMBEDDED_URI_FILE
+    try:
+        uri = marker.read_text().strip()
+    except FileNotFoundError:
+        return None
+    probe: MongoClient[dict[str, Any]] = MongoClient(uri, serverSelectionTimeoutMS=500)
+    try:
+        probe.admin.command("ping")
+    except PyMongoError:
+        return None  # left behind by a process that died
+    finally:
+        probe.close()
+    return uri
 
 
 def open_mongo(settings: Settings) -> MongoHandle:
     embedded = None
-    uri = settings.mongodb_uri
+    uri = settings.mongodb_uri or running_embedded_uri(settings)
     if uri is None:
         from secantus import SecantusDBServer
 
@@ -55,8 +78,12 @@ def open_mongo(settings: Settings) -> MongoHandle:
         )
         embedded.start()
         uri = embedded.uri
+        # Commands run beside `docproc serve` (dlq, reprocess, backup) find it here: the
+        # embedded files can only be opened by one process at a time.
+        (settings.data_dir / EMBEDDED_URI_FILE).write_text(uri)
         log.info("embedded MongoDB wire server (SecantusDB) at %s, data in %s", uri, path)
     client: MongoClient[dict[str, Any]] = MongoClient(
         uri, serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, tz_aware=True
     )
-    return MongoHandle(client=client, db=client[settings.mongodb_database], embedded=embedded)
+    return MongoHandle(client=client, db=client[settings.mongodb_database], embedded=embedded,
+                       uri_file=settings.data_dir / EMBEDDED_URI_FILE if embedded else None)

@@ -19,7 +19,7 @@ from docproc.runtime import Services, as_http_status, services
 from events.catalog import DocumentRejected, DocumentStored
 from events.cloudevent import MalformedEvent, validate
 from events.subscriptions import Subscription, describe
-from shared.push import PushMessage
+from shared.push import PushMessage, PushResult
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,12 @@ LEASE_SECONDS = 60.0
 
 
 class PushNotDelivered(Exception):
-    """FCM asked us to come back later for some devices; the event is retried."""
+    """FCM asked us to come back later for some devices; the event is retried, no sooner
+    than FCM's Retry-After."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def handle(svc: Services, event: CloudEvent) -> None:
@@ -56,7 +61,7 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     results = svc.push.send(messages) if messages else []
     sent = 0
     unregistered: list[str] = []
-    later: list[str] = []
+    later: list[PushResult] = []
     failed: list[str] = []
     for result in results:
         if result.outcome == "sent":
@@ -65,14 +70,16 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
         elif result.outcome == "unregistered":
             unregistered.append(result.token)
         elif result.outcome == "retry":
-            later.append(result.token)
+            later.append(result)
         else:
             failed.append(result.token)
             log.warning("push to a device of %s failed for good: %s", data.owner, result.error)
     if unregistered:
         svc.users.remove_tokens(data.owner, unregistered)
     if later:
-        raise PushNotDelivered(f"{len(later)} device(s) to retry")
+        hints = [r.retry_after for r in later if r.retry_after is not None]
+        raise PushNotDelivered(f"{len(later)} device(s) to retry: {later[0].error}",
+                               max(hints) if hints else None)
     svc.deliveries.complete(key, {
         "devices": len(tokens),
         "sent": len(already) + sent,

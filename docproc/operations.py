@@ -1,0 +1,235 @@
+"""What the people running docproc do: dead letters, reprocessing, key rotation.
+
+Each works the same on RabbitMQ and on the embedded installation (whose database a running
+``docproc serve`` shares through its wire address)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import pika
+from cloudevents.http import CloudEvent
+
+from docproc.runtime import Services
+from events import amqp_codec, topology
+from events.bus import DEAD, QUEUE
+from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
+from events.cloudevent import make_event
+from events.runner import ATTEMPT_HEADER, DEAD_REASON_HEADER
+from events.subscriptions import ROUTES
+from shared.documents import Document, Status
+from shared.keys import KeyProvider, WrappedKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str
+    function: str
+    reason: str
+    attempts: int
+    event: dict[str, Any]
+
+    @property
+    def summary(self) -> str:
+        return (f"{self.id}  {self.event.get('type')}  subject={self.event.get('subject')}  "
+                f"attempts={self.attempts}  reason={self.reason}")
+
+
+class DeadLetters(Protocol):
+    def list(self, fn: str) -> list[DeadLetter]: ...
+    def replay(self, fn: str, ids: set[str] | None) -> int: ...
+    def purge(self, fn: str, ids: set[str] | None) -> int: ...
+
+
+def dead_letters(svc: Services) -> DeadLetters:
+    if svc.settings.amqp_url:
+        return RabbitDeadLetters(svc.settings.amqp_url, svc.settings.amqp_prefix)
+    return EmbeddedDeadLetters(svc)
+
+
+class RabbitDeadLetters:
+    """Reads `<prefix>.<fn>.dlq` by getting messages unacknowledged (so they return to the
+    queue when the channel closes); replay re-queues to the function's queue, confirmed,
+    before the dead letter is acked."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+
+    def _browse(self, fn: str) -> Iterator[tuple[Any, Any, pika.BasicProperties, bytes]]:
+        conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            chan = conn.channel()
+            chan.confirm_delivery()
+            while True:
+                method, props, body = chan.basic_get(
+                    topology.dead_letter_queue(self.prefix, fn), auto_ack=False)
+                if method is None:
+                    break
+                yield chan, method, props, body
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _letter(fn: str, props: pika.BasicProperties, body: bytes) -> DeadLetter:
+        headers = props.headers or {}
+        event = {**amqp_codec.attributes(headers)}
+        try:
+            event["data"] = json.loads(body)
+        except ValueError:
+            event["data"] = body.decode(errors="replace")
+        return DeadLetter(id=str(props.message_id or event.get("id")), function=fn,
+                          reason=str(headers.get(DEAD_REASON_HEADER, "")),
+                          attempts=int(headers.get(ATTEMPT_HEADER, 1)), event=event)
+
+    def list(self, fn: str) -> list[DeadLetter]:
+        return [self._letter(fn, p, b) for _, _, p, b in self._browse(fn)]
+
+    def replay(self, fn: str, ids: set[str] | None) -> int:
+        done = 0
+        for chan, method, props, body in self._browse(fn):
+            if ids is not None and props.message_id not in ids:
+                continue
+            headers = {k: v for k, v in (props.headers or {}).items()
+                       if not k.startswith("x-docproc-")}
+            fresh = pika.BasicProperties(content_type=props.content_type, headers=headers,
+                                         delivery_mode=pika.DeliveryMode.Persistent,
+                                         message_id=props.message_id, type=props.type)
+            chan.basic_publish("", topology.queue(self.prefix, fn), body, fresh, mandatory=True)
+            chan.basic_ack(method.delivery_tag)
+            done += 1
+        return done
+
+    def purge(self, fn: str, ids: set[str] | None) -> int:
+        done = 0
+        for chan, method, props, _ in self._browse(fn):
+            if ids is None or props.message_id in ids:
+                chan.basic_ack(method.delivery_tag)
+                done += 1
+        return done
+
+
+class EmbeddedDeadLetters:
+    def __init__(self, svc: Services) -> None:
+        self.dead = svc.mongo.db[DEAD]
+        self.queue = svc.mongo.db[QUEUE]
+
+    def _find(self, fn: str, ids: set[str] | None) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"fn": fn}
+        if ids is not None:
+            query["$or"] = [{"_id": {"$in": list(ids)}}, {"event_id": {"$in": list(ids)}}]
+        return list(self.dead.find(query).sort("at", 1))
+
+    def list(self, fn: str) -> list[DeadLetter]:
+        return [DeadLetter(id=str(r.get("event_id") or r["_id"]), function=fn,
+                           reason=r["reason"], attempts=int(r["attempts"]),
+                           event=json.loads(r["event"]))
+                for r in self._find(fn, None)]
+
+    def replay(self, fn: str, ids: set[str] | None) -> int:
+        done = 0
+        for row in self._find(fn, ids):
+            now = datetime.now(UTC)
+            self.queue.insert_one({"_id": row["_id"], "fn": fn, "event": row["event"],
+                                   "attempt": 1, "due_at": now, "lease_until": None,
+                                   "event_id": row.get("event_id"), "created_at": now})
+            self.dead.delete_one({"_id": row["_id"]})
+            done += 1
+        return done
+
+    def purge(self, fn: str, ids: set[str] | None) -> int:
+        rows = self._find(fn, ids)
+        if rows:
+            self.dead.delete_many({"_id": {"$in": [r["_id"] for r in rows]}})
+        return len(rows)
+
+
+def check_function(fn: str) -> str:
+    if fn not in ROUTES:
+        raise ValueError(f"no event function {fn!r}; choose one of {', '.join(ROUTES)}")
+    return fn
+
+
+def uploaded_event(svc: Services, doc: Document) -> CloudEvent:
+    """The document's original document.uploaded event, with its original id."""
+    return make_event(
+        DOCUMENT_UPLOADED, svc.settings.event_source, doc.id,
+        DocumentUploaded(document_id=doc.id, owner=doc.owner, filename=doc.filename,
+                         declared_type=doc.declared_type, size=doc.size, sha256=doc.sha256),
+        event_id=doc.upload_event_id,
+    )
+
+
+def reprocess(svc: Services, ids: list[str] | None = None,
+              older_than: timedelta | None = None) -> list[str]:
+    """Send documents through storage again. Handlers are idempotent: a stuck document is
+    processed, a finished one is only announced again."""
+    if ids:
+        docs = [d for d in (svc.documents.get(i) for i in ids) if d is not None]
+        missing = set(ids) - {d.id for d in docs}
+        if missing:
+            raise LookupError(f"no such document: {', '.join(sorted(missing))}")
+    else:
+        cutoff = datetime.now(UTC) - (older_than if older_than is not None else timedelta(minutes=10))
+        docs = svc.documents.stuck(cutoff)
+    done = []
+    for doc in docs:
+        if doc.status == Status.DELETED:
+            continue
+        svc.publish(uploaded_event(svc, doc))
+        done.append(doc.id)
+    return done
+
+
+@dataclass
+class RotationReport:
+    new_key_id: str
+    rewrapped: int
+    already_current: int
+    shredded: int
+
+    def __str__(self) -> str:
+        return (f"active key {self.new_key_id}: {self.rewrapped} data key(s) re-wrapped, "
+                f"{self.already_current} already under it, {self.shredded} deleted documents "
+                "skipped")
+
+
+def rewrap_all(svc: Services, provider: KeyProvider,
+               progress: Callable[[int, int], None] | None = None) -> RotationReport:
+    """Re-wrap every document's data key under ``provider``'s active key. Documents stay as
+    they are; an interrupted run is simply run again (keys already re-wrapped are skipped)."""
+    active = provider.active_key_id()
+    col = svc.documents.col
+    total = col.count_documents({})
+    report = RotationReport(active, 0, 0, 0)
+    for seen, raw in enumerate(col.find({}, {"wrapped_key": 1}).sort("_id", 1), start=1):
+        wrapped_doc = raw.get("wrapped_key")
+        if wrapped_doc is None:
+            report.shredded += 1
+        else:
+            old = WrappedKey.from_doc(wrapped_doc)
+            new = provider.rewrap(old, {"document_id": raw["_id"]})
+            if new is old or new.key_id == old.key_id:
+                report.already_current += 1
+            else:
+                # Only replace the exact key we read: a concurrent delete stays a delete.
+                col.update_one({"_id": raw["_id"], "wrapped_key": wrapped_doc},
+                               {"$set": {"wrapped_key": new.to_doc()}})
+                report.rewrapped += 1
+        if progress is not None and (seen % 500 == 0 or seen == total):
+            progress(seen, total)
+    return report
+
+
+def parse_age(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"{text!r} is not an age like 90s, 10m, 2h or 1d")
+    return timedelta(seconds=int(text[:-1]) * units[text[-1]])
