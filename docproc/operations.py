@@ -177,7 +177,8 @@ def reprocess(svc: Services, ids: list[str] | None = None,
         if missing:
             raise LookupError(f"no such document: {', '.join(sorted(missing))}")
     else:
-        cutoff = datetime.now(UTC) - (older_than if older_than is not None else timedelta(minutes=10))
+        age = older_than if older_than is not None else timedelta(minutes=10)
+        cutoff = datetime.now(UTC) - age
         docs = svc.documents.stuck(cutoff)
     done = []
     for doc in docs:

@@ -72,7 +72,7 @@ def test_dead_letters_are_listed_with_reason_and_replayed_after_a_fix(
     doc_id = upload(http, run.base_url, body, "application/pdf").json()["id"]
     store = dead_letters(svc)
     [letter] = wait_for(lambda: store.list("storage"), what="the dead letter")
-    assert letter.id == svc.documents.get(doc_id).upload_event_id  # type: ignore[union-attr]
+    assert letter.id == svc.documents.get(doc_id).upload_event_id
     assert letter.attempts == len(svc.settings.retry_delays) + 1
     assert "staged object of" in letter.reason
     assert letter.event["subject"] == doc_id
@@ -124,7 +124,7 @@ def test_stuck_documents_are_visible_and_reprocessed(run: Running,
         def close(self) -> None:
             pass
 
-    svc.publisher = Lost()  # type: ignore[assignment]
+    svc.publisher = Lost()
     try:
         doc_id = upload(http, run.base_url, samples.pdf(samples.marker()),
                         "application/pdf").json()["id"]
