@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, consumers: bool = True) -> None:
+        """``consumers=False`` serves HTTP and publishes only, leaving the event functions to
+        `docproc worker` processes (RabbitMQ)."""
         self.settings = settings
         policy = RetryPolicy(settings.retry_delays)
         self.bus: InProcessBus | None = None
@@ -32,7 +34,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         if settings.amqp_url:
             self.services = build_services(settings)
-            for make in EVENT_FUNCTIONS.values():
+            for make in EVENT_FUNCTIONS.values() if consumers else ():
                 self.runners.append(RabbitRunner(
                     settings.amqp_url, settings.amqp_prefix, make(self.services), policy,
                     settings.worker_concurrency))

@@ -124,12 +124,15 @@ class _Late:
 
 
 @contextmanager
-def serving(make_settings: Callable[..., Settings], **overrides: Any) -> Iterator[Running]:
-    """The whole pipeline in this process behind a real HTTP server on a loopback port."""
+def serving(make_settings: Callable[..., Settings], consumers: bool = True,
+            **overrides: Any) -> Iterator[Running]:
+    """The whole pipeline in this process behind a real HTTP server on a loopback port
+    (without the event functions when ``consumers`` is false)."""
     late = _Late()
     server = make_server("127.0.0.1", 0, late, threaded=True)
     base = f"http://127.0.0.1:{server.server_port}"
-    pipeline = Pipeline(make_settings(public_url_override=base, **overrides)).start()
+    pipeline = Pipeline(make_settings(public_url_override=base, **overrides),
+                        consumers=consumers).start()
     late.app = pipeline.wsgi_app
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
