@@ -179,6 +179,57 @@ def _rotate_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(message: str) -> None:
+    print(f"  {message}", flush=True)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from docproc import backup
+
+    if args.action == "list":
+        summaries = backup.list_backups(args.location)
+        for summary in summaries:
+            print(summary)
+        print(f"{len(summaries)} backup(s) under {args.location}")
+        return 0
+    if args.action == "aws-plan":
+        return _aws_backup_plan(args)
+    svc = _services()
+    try:
+        if args.action == "create":
+            print(backup.create_backup(svc, args.location, progress=_progress))
+        elif args.action == "verify":
+            report = backup.verify_backup(svc, args.location, sample=args.sample,
+                                          progress=_progress)
+            print(report)
+            return 0 if report.ok else 1
+        else:
+            print(backup.restore_backup(svc, args.location, progress=_progress))
+    except backup.BackupError as exc:
+        print(f"docproc: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        svc.close()
+    return 0
+
+
+def _aws_backup_plan(args: argparse.Namespace) -> int:
+    import boto3
+
+    from shared.aws_backup import ensure_backup_plan
+
+    missing = [flag for flag, value in (("--efs-arn", args.efs_arn),
+                                        ("--role-arn", args.role_arn)) if not value]
+    if missing:
+        raise ConfigError(f"aws-plan needs {' and '.join(missing)}")
+    refs = ensure_backup_plan(boto3.client("backup"), vault_name=args.vault,
+                              plan_name=args.plan, efs_arn=args.efs_arn,
+                              iam_role_arn=args.role_arn, retention_days=args.retention_days,
+                              kms_key_arn=args.kms_key)
+    print(refs)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from docproc.demo import run_demo
 
@@ -233,6 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     rotate.set_defaults(func=_rotate_keys)
     rotate_link = keys_sub.add_parser("rotate-link", help="rotate the link signing key")
     rotate_link.set_defaults(func=_rotate_link_key)
+
+    backup = sub.add_parser("backup", help="consistent backups of EFS and MongoDB; AWS Backup")
+    backup.add_argument("action", choices=["create", "list", "verify", "restore", "aws-plan"])
+    backup.add_argument("location", nargs="?", default="",
+                        help="a directory or s3://bucket/prefix (create, list), or one "
+                             "backup's location (verify, restore)")
+    backup.add_argument("--sample", type=int, default=None,
+                        help="verify: decrypt and check this many documents (default: all)")
+    backup.add_argument("--vault", default="docproc", help="aws-plan: backup vault name")
+    backup.add_argument("--plan", default="docproc-efs", help="aws-plan: backup plan name")
+    backup.add_argument("--efs-arn", help="aws-plan: the EFS file system ARN")
+    backup.add_argument("--role-arn", help="aws-plan: IAM role AWS Backup assumes")
+    backup.add_argument("--retention-days", type=int, default=35)
+    backup.add_argument("--kms-key", help="aws-plan: KMS key ARN for the vault")
+    backup.set_defaults(func=_backup)
 
     demo = sub.add_parser("demo", help="start the pipeline and send a sample document through it")
     demo.add_argument("--keep-running", action="store_true",

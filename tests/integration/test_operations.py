@@ -208,3 +208,22 @@ def test_kms_rotation_to_a_new_key(service_settings: Callable[..., Settings],
             assert record.key.key_id == second
             assert http.get(doc["download_url"], headers=DRIVER).content == body
     assert os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"
+
+
+def test_backup_commands(running: Running, http: requests.Session, tmp_path: Any,
+                         monkeypatch: pytest.MonkeyPatch,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    body = samples.pdf(samples.marker())
+    settled(http, running.base_url,
+            upload(http, running.base_url, body, "application/pdf").json()["id"])
+    _env(monkeypatch, running.svc.settings)
+    dest = str(tmp_path / "backups")
+    assert main(["backup", "create", dest]) == 0
+    assert main(["backup", "list", dest]) == 0
+    listing = capsys.readouterr().out
+    assert "1 backup(s)" in listing
+    [location] = [str(p) for p in (tmp_path / "backups").iterdir()]
+    assert main(["backup", "verify", location]) == 0
+    # restoring over the live installation is refused: it is not empty
+    assert main(["backup", "restore", location]) == 1
+    assert "not empty" in capsys.readouterr().err
