@@ -11,6 +11,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, load_settings
+from shared.observability import setup_logging
 
 if TYPE_CHECKING:
     from docproc.runtime import Services
@@ -28,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from docproc.health import serve_in_background
     from docproc.outbox import OutboxRelay
     from docproc.registry import EVENT_FUNCTIONS
     from docproc.runtime import build_services
@@ -52,9 +54,11 @@ def _worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     relay = OutboxRelay(svc).start()
+    ops = serve_in_background(svc, args.ops_host, args.ops_port, needs_broker=True)
     try:
         runner.run()
     finally:
+        ops.shutdown()
         relay.stop()
         svc.close()
     return 0
@@ -252,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run one event function on its RabbitMQ queue")
     worker.add_argument("name", choices=sorted(EVENT_FUNCTIONS))
     worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--ops-host", default="0.0.0.0",  # noqa: S104 - probes come from the kubelet
+                        help="address of /healthz, /readyz and /metrics")
+    worker.add_argument("--ops-port", type=int, default=9090,
+                        help="port of /healthz, /readyz and /metrics (0: any free port)")
     worker.set_defaults(func=_worker)
 
     apidoc = sub.add_parser("apidoc", help="write the OpenAPI and AsyncAPI documents")
@@ -306,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except (ConfigError, ValueError, LookupError) as exc:

@@ -10,6 +10,7 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
+from docproc.health import PATHS, respond
 from docproc.outbox import OutboxRelay
 from docproc.registry import EVENT_FUNCTIONS, HTTP_FUNCTIONS
 from docproc.runtime import Services, build_services
@@ -18,7 +19,7 @@ from events.runner import RabbitRunner
 from events.subscriptions import RetryPolicy
 from shared.config import Settings
 from shared.errors import ApiError
-from shared.http import error_response, json_response, matches
+from shared.http import error_response, matches
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class Pipeline:
         return response(environ, start_response)
 
     def route(self, request: Request) -> Response:
-        if request.path in ("/healthz", "/readyz"):
-            return json_response({"status": "ok"})
+        if request.method == "GET" and request.path in PATHS:
+            return respond(self.services, request.path, needs_broker=bool(self.runners))
         for fn in HTTP_FUNCTIONS:
             if matches(fn.routes, request):
                 return fn.handle(self.services, request)

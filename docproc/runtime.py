@@ -28,6 +28,7 @@ from shared.documents import DocumentRepository
 from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
 from shared.links import LinkKey, LinkSigner, configured_keys
 from shared.mongo import MongoHandle, open_mongo
+from shared.observability import HANDLED, setup_logging
 from shared.push import FcmSender, OutboxSender, PushSender
 from shared.users import UserRepository
 
@@ -136,6 +137,7 @@ def services() -> Services:
             if _current is None:
                 from docproc.outbox import OutboxRelay
 
+                setup_logging()
                 _current = build_services(load_settings())
                 # A function run alone publishes too, so it relays its leftovers as well.
                 OutboxRelay(_current).start()
@@ -143,14 +145,22 @@ def services() -> Services:
 
 
 @contextmanager
-def as_http_status() -> Iterator[None]:
-    """Under functions-framework, answer an event that can never succeed with 400, which
-    Knative does not retry but sends to the dead-letter sink; other failures stay 5xx, which
-    it retries with backoff."""
+def as_http_status(event: Any, function: str) -> Iterator[None]:
+    """Handling one event delivered over HTTP (functions-framework, as Knative delivers):
+    an event that can never succeed answers 400, which Knative does not retry but sends to
+    the dead-letter sink; other failures stay 5xx, which it retries with backoff."""
+    from events.cloudevent import handling
+
     try:
-        yield
+        with handling(event, function):
+            yield
     except MalformedEvent as exc:
+        HANDLED.labels(function, "malformed").inc()
         raise BadRequest(str(exc)) from exc
+    except Exception:
+        HANDLED.labels(function, "failed").inc()
+        raise
+    HANDLED.labels(function, "ok").inc()
 
 
 def install(svc: Services | None) -> None:

@@ -22,8 +22,10 @@ from cloudevents.http import CloudEvent, from_json
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.database import Database
 
+from events.cloudevent import handling
 from events.publisher import PublishError
 from events.subscriptions import ROUTES, RetryPolicy, Subscription, describe
+from shared.observability import DEAD_LETTERS, HANDLED, RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +145,14 @@ class InProcessBus:
 
     def _run(self, sub: Subscription, message: dict[str, Any]) -> None:
         try:
-            sub.handler(from_json(message["event"]))
+            event = from_json(message["event"])
+            with handling(event, sub.name):
+                sub.handler(event)
         except Exception as exc:
+            HANDLED.labels(sub.name, "failed").inc()
             self._failed(sub.name, message, exc)
             return
+        HANDLED.labels(sub.name, "ok").inc()
         self.queue.delete_one({"_id": message["_id"]})
 
     def _failed(self, name: str, message: dict[str, Any], exc: BaseException) -> None:
@@ -154,6 +160,7 @@ class InProcessBus:
         delay = self.policy.delay_after(attempt, exc)
         log.warning("%s: handler failed (attempt %d): %s", name, attempt, describe(exc))
         if delay is None:
+            DEAD_LETTERS.labels(name).inc()
             self.dead.insert_one({
                 "_id": message["_id"], "fn": name, "event": message["event"],
                 "event_id": message.get("event_id"), "reason": describe(exc),
@@ -163,6 +170,7 @@ class InProcessBus:
             log.error("%s: dead-lettered event %s after %d attempt(s): %s", name,
                       message.get("event_id"), attempt, describe(exc))
             return
+        RETRIES.labels(name).inc()
         self.queue.update_one({"_id": message["_id"]}, {"$set": {
             "attempt": attempt + 1, "due_at": _now() + timedelta(seconds=delay),
             "lease_until": None, "last_error": describe(exc)}})

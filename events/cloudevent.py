@@ -11,6 +11,7 @@ from cloudevents.http import CloudEvent
 from pydantic import ValidationError
 
 from events.catalog import MODELS, EventData, dataschema
+from shared.observability import child_traceparent, current_traceparent, log_context
 
 # Knative's RabbitMQ broker and most sinks cap messages far below this; our events are small.
 MAX_EVENT_BYTES = 64 * 1024
@@ -35,6 +36,8 @@ def make_event(
         "time": datetime.now(UTC).isoformat(),
         "datacontenttype": "application/json",
         "dataschema": dataschema(event_type),
+        # The CloudEvents distributed-tracing extension: one trace from upload to push.
+        "traceparent": child_traceparent(current_traceparent()),
     }
     return CloudEvent(attributes, data.model_dump(mode="json"))
 
@@ -72,6 +75,14 @@ def data_as(event: CloudEvent, model: type[T]) -> T:
     if not isinstance(data, model):
         raise MalformedEvent(f"expected {model.__name__}, got {type(data).__name__}")
     return data
+
+
+def handling(event: CloudEvent, function: str) -> Any:
+    """Log context for handling ``event``: its id, document and trace."""
+    attrs = event.get_attributes()
+    return log_context(function=function, event_id=str(attrs.get("id")),
+                       document_id=str(attrs.get("subject") or "") or None,
+                       traceparent=child_traceparent(attrs.get("traceparent")))
 
 
 def summary(event: CloudEvent) -> dict[str, Any]:

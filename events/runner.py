@@ -22,7 +22,9 @@ import pika
 from pika.exceptions import AMQPConnectionError, AMQPError
 
 from events import amqp_codec, topology
+from events.cloudevent import handling
 from events.subscriptions import RetryPolicy, Subscription, describe
+from shared.observability import DEAD_LETTERS, HANDLED, RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,8 @@ class RabbitRunner:
         started = time.monotonic()
         try:
             event = amqp_codec.decode(props, body)
-            self.sub.handler(event)
+            with handling(event, self.sub.name):
+                self.sub.handler(event)
         except Exception as exc:
             error = exc
             log.warning("%s: handler failed for message %s: %s",
@@ -137,7 +140,9 @@ class RabbitRunner:
             return
         if error is None:
             chan.basic_ack(tag)
+            HANDLED.labels(self.sub.name, "ok").inc()
             return
+        HANDLED.labels(self.sub.name, "failed").inc()
         headers = dict(props.headers or {})
         attempt = int(headers.get(ATTEMPT_HEADER, 1))
         delay = self.policy.delay_after(attempt, error)
@@ -147,11 +152,13 @@ class RabbitRunner:
             headers[ATTEMPT_HEADER] = attempt
             headers[DEAD_REASON_HEADER] = describe(error)
             target = topology.dead_letter_queue(self.prefix, self.sub.name)
+            DEAD_LETTERS.labels(self.sub.name).inc()
             log.error("%s: dead-lettering message %s after %d attempt(s): %s",
                       self.sub.name, props.message_id, attempt, describe(error))
         else:
             target = topology.retry_queue(self.prefix, self.sub.name,
                                           self.policy.queue_delay(delay))
+            RETRIES.labels(self.sub.name).inc()
         new_props = pika.BasicProperties(
             content_type=props.content_type,
             delivery_mode=pika.DeliveryMode.Persistent,

@@ -19,6 +19,7 @@ from werkzeug.routing import Map
 from werkzeug.wrappers import Request, Response
 
 from shared.errors import ApiError
+from shared.observability import HTTP_REQUESTS, child_traceparent, log_context
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,26 @@ def error_response(error: ApiError) -> Response:
 
 def dispatch(routes: Map, endpoints: dict[str, Endpoint], request: Request, *args: Any) -> Response:
     """Route the request and turn every failure into a JSON error answer."""
+    request_id = request.headers.get("X-Request-ID") or request.headers.get("Kong-Request-ID")
+    with log_context(request_id=request_id,
+                     traceparent=child_traceparent(request.headers.get("traceparent"))):
+        response = _dispatch(routes, endpoints, request, *args)
+    return response
+
+
+def _dispatch(routes: Map, endpoints: dict[str, Endpoint], request: Request,
+              *args: Any) -> Response:
+    name = "unrouted"
     try:
         adapter = routes.bind_to_environ(request.environ)
-        name, params = adapter.match()
-        return endpoints[str(name)](*args, request, **params)
+        endpoint, params = adapter.match()
+        name = str(endpoint)
+        with log_context(document_id=params.get("doc_id")):
+            response = endpoints[name](*args, request, **params)
+        HTTP_REQUESTS.labels(name, str(response.status_code)).inc()
+        return response
     except ApiError as exc:
+        HTTP_REQUESTS.labels(name, str(exc.status)).inc()
         return error_response(exc)
     except _UNAVAILABLE as exc:
         log.warning("database unavailable: %s", exc)

@@ -10,10 +10,11 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from docproc.apidoc import asyncapi, openapi
+from docproc.health import http_function
 from docproc.runtime import Services, services
 from functions.documents import manage
 from functions.documents.upload import upload
-from shared.http import Endpoint, dispatch, json_response
+from shared.http import Endpoint, json_response
 
 ROUTES = Map([
     Rule("/v1/documents", methods=["POST"], endpoint="upload"),
@@ -47,8 +48,7 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
-def handle(svc: Services, request: Request) -> Response:
-    return dispatch(ROUTES, ENDPOINTS, request, svc)
+handle = http_function(ROUTES, ENDPOINTS)
 
 
 @functions_framework.http

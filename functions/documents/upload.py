@@ -25,6 +25,7 @@ from shared.filenames import clean_filename
 from shared.http import json_response
 from shared.ids import new_document_id
 from shared.inspection import normalize_media_type
+from shared.observability import UPLOAD_BYTES, UPLOADS, log_context
 from shared.schemas import Accepted
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def upload(svc: Services, request: Request) -> Response:
             raise bad_request("Idempotency-Key must be 1-255 printable characters")
         previous = svc.documents.by_idempotency_key(ident.user_id, key)
         if previous is not None:
+            UPLOADS.labels("repeated").inc()
             return accepted(previous)
     if request.content_length is not None and request.content_length > settings.max_upload_bytes:
         raise _too_large(settings.max_upload_bytes)
@@ -180,7 +182,10 @@ def upload(svc: Services, request: Request) -> Response:
     except BaseException:
         svc.blobs.delete(Area.STAGING, doc_id)
         raise
-    log.info("accepted document %s (%d bytes) from %s", doc_id, doc.size, ident.user_id)
+    UPLOADS.labels("accepted").inc()
+    UPLOAD_BYTES.inc(doc.size)
+    with log_context(document_id=doc_id):
+        log.info("accepted document %s (%d bytes) from %s", doc_id, doc.size, ident.user_id)
     return accepted(doc)
 
 

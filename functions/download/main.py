@@ -18,13 +18,14 @@ import functions_framework
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from docproc.health import http_function
 from docproc.runtime import Services, services
 from shared.access import authenticate, request_id
 from shared.blobstore import Area
 from shared.documents import Document, Status
 from shared.envelope import EnvelopeReader, decrypt_stream
 from shared.errors import ApiError, not_found
-from shared.http import Endpoint, dispatch
+from shared.http import Endpoint
 from shared.ids import is_document_id
 
 ROUTES = Map([Rule("/v1/files/<doc_id>", methods=["GET"], endpoint="download")])
@@ -121,8 +122,7 @@ def _disposition(filename: str) -> str:
 ENDPOINTS: dict[str, Endpoint] = {"download": download}
 
 
-def handle(svc: Services, request: Request) -> Response:
-    return dispatch(ROUTES, ENDPOINTS, request, svc)
+handle = http_function(ROUTES, ENDPOINTS)
 
 
 @functions_framework.http

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 
+import flask
 import functions_framework
 from cloudevents.http import CloudEvent
 
+from docproc.health import add_to_flask
 from docproc.runtime import Services, as_http_status, services
 from events.catalog import DocumentRejected, DocumentStored
 from events.cloudevent import MalformedEvent, validate
 from events.subscriptions import Subscription, describe
+from shared.observability import NOTIFICATIONS
 from shared.push import PushMessage, PushResult
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     later: list[PushResult] = []
     failed: list[str] = []
     for result in results:
+        NOTIFICATIONS.labels(result.outcome).inc()
         if result.outcome == "sent":
             svc.deliveries.mark_sent(key, result.token, result.message_id)
             sent += 1
@@ -86,6 +90,8 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
         "unregistered": len(unregistered),
         "failed": len(failed),
     })
+    log.info("announced %s of document %s to %d of %d device(s)", data.__class__.__name__,
+             data.document_id, len(already) + sent, len(tokens))
 
 
 def _message(token: str, data: DocumentStored | DocumentRejected) -> PushMessage:
@@ -111,5 +117,9 @@ def subscription(svc: Services) -> Subscription:
 
 @functions_framework.cloud_event
 def notification(event: CloudEvent) -> None:
-    with as_http_status():
+    with as_http_status(event, "notification"):
         handle(services(), event)
+
+
+if flask.has_app_context():  # loaded by functions-framework: add the GET endpoints
+    add_to_flask(flask.current_app, services, needs_broker=False)

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import flask
 import functions_framework
 from cloudevents.http import CloudEvent
 
+from docproc.health import add_to_flask
 from docproc.outbox import outbox_event, publish_recorded
 from docproc.runtime import Services, as_http_status, services
 from events.catalog import (
@@ -35,6 +37,7 @@ from shared.blobstore import Area
 from shared.documents import Document, Status
 from shared.envelope import EnvelopeError, EnvelopeReader, decrypt_stream
 from shared.inspection import SNIFF_BYTES, InvalidDocument, extract_metadata, sniff
+from shared.observability import PROCESSING
 from shared.sealed import seal, unseal
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ def handle(svc: Services, event: CloudEvent) -> None:
         finished = svc.documents.finish(doc.id, verdict.status, outbox_event(event_out),
                                         reason=verdict.reason, media_type=verdict.media_type)
     if finished is not None:
+        PROCESSING.labels(finished.status.value).observe(
+            (finished.updated_at - finished.created_at).total_seconds())
         if finished.status != Status.STORED:
             svc.blobs.delete(Area.STAGING, doc.id)
         publish_recorded(svc, doc.id, event_out)
@@ -177,5 +182,9 @@ def subscription(svc: Services) -> Subscription:
 
 @functions_framework.cloud_event
 def storage(event: CloudEvent) -> None:
-    with as_http_status():
+    with as_http_status(event, "storage"):
         handle(services(), event)
+
+
+if flask.has_app_context():  # loaded by functions-framework: add the GET endpoints
+    add_to_flask(flask.current_app, services, needs_broker=False)

@@ -12,10 +12,11 @@ import functions_framework
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from docproc.health import http_function
 from docproc.runtime import Services, services
 from shared.access import authenticate, request_id, require_agent
 from shared.errors import ApiError, bad_request, not_found
-from shared.http import Endpoint, dispatch, json_response, parse_body
+from shared.http import Endpoint, json_response, parse_body
 from shared.pagination import parse_limit
 from shared.schemas import (
     AuditPage,
@@ -132,8 +133,7 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
-def handle(svc: Services, request: Request) -> Response:
-    return dispatch(ROUTES, ENDPOINTS, request, svc)
+handle = http_function(ROUTES, ENDPOINTS)
 
 
 @functions_framework.http

@@ -84,7 +84,7 @@ def test_workers_killed_mid_burst_lose_and_duplicate_nothing(
         logs = tmp_path
 
         def worker(name: str, n: int) -> Any:
-            return process([str(BIN / "docproc"), "worker", name], env,
+            return process([str(BIN / "docproc"), "worker", name, "--ops-port", "0"], env,
                            log=logs / f"{name}-{n}.log")
 
         killed: list[str] = []
@@ -148,9 +148,10 @@ def test_mongodb_outage_refuses_uploads_and_in_flight_events_finish_after(
                       if p.is_file()]
             assert sorted(p.name for p in staged) == sorted(ids)  # nothing of the refused one
             env = settings_env(run.svc.settings)
-            with process([str(BIN / "docproc"), "worker", "storage"], env,
+            worker = [str(BIN / "docproc"), "worker"]
+            with process([*worker, "storage", "--ops-port", "0"], env,
                          log=tmp_path / "storage.log"), \
-                    process([str(BIN / "docproc"), "worker", "notification"], env,
+                    process([*worker, "notification", "--ops-port", "0"], env,
                             log=tmp_path / "notification.log"):
                 time.sleep(3)  # the workers fail against the dead database and back off
                 own.start()

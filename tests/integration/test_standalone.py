@@ -40,7 +40,7 @@ def test_functions_as_separate_processes_carry_a_document_end_to_end(
                                                 logs / "users.log")
         storage_base, storage = functions_framework("storage", "storage", "cloudevent", env,
                                                     logs / "storage.log")
-        worker = process([str(BIN / "docproc"), "worker", "notification"], env,
+        worker = process([str(BIN / "docproc"), "worker", "notification", "--ops-port", "0"], env,
                          log=logs / "worker.log")
         with docs, users, storage, worker:
             register_device(http, users_base, "phone-standalone")

@@ -1,0 +1,110 @@
+"""Liveness, readiness and metrics endpoints, for every function however it runs.
+
+``/healthz`` answers while the process can serve; ``/readyz`` only while the services it
+needs answer (MongoDB always; RabbitMQ for event consumers when it is configured), so
+Knative stops sending traffic to an instance that cannot do its work; ``/metrics`` is the
+Prometheus exposition.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pika
+import redis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pymongo.errors import PyMongoError
+from werkzeug.routing import Map
+from werkzeug.wrappers import Request, Response
+
+from docproc.runtime import Services
+from shared.http import Endpoint, dispatch, json_response
+
+PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def checks(svc: Services, needs_broker: bool) -> tuple[bool, dict[str, str]]:
+    results: dict[str, str] = {}
+    ready = True
+    try:
+        svc.mongo.client.admin.command("ping")
+        results["mongodb"] = "ok"
+    except PyMongoError as exc:
+        results["mongodb"] = f"unreachable: {type(exc).__name__}"
+        ready = False
+    url = svc.settings.amqp_url
+    if needs_broker and url:
+        params = pika.URLParameters(url)
+        params.socket_timeout = params.blocked_connection_timeout = 2
+        try:
+            pika.BlockingConnection(params).close()
+            results["rabbitmq"] = "ok"
+        except Exception as exc:  # pika raises a family of its own
+            results["rabbitmq"] = f"unreachable: {type(exc).__name__}"
+            ready = False
+    if svc.settings.redis_url:
+        # Redis only speeds lookups up: reported, never a reason to stop serving.
+        try:
+            redis.Redis.from_url(svc.settings.redis_url, socket_timeout=1).ping()
+            results["redis"] = "ok"
+        except redis.RedisError:
+            results["redis"] = "unreachable (degraded: reading through to MongoDB)"
+    return ready, results
+
+
+def respond(svc: Services, path: str, needs_broker: bool) -> Response:
+    if path == "/healthz":
+        return json_response({"status": "ok"})
+    if path == "/metrics":
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    ready, results = checks(svc, needs_broker)
+    return json_response({"status": "ready" if ready else "unavailable", "checks": results},
+                         200 if ready else 503)
+
+
+def add_to_flask(app: Any, svc: Callable[[], Services], needs_broker: bool) -> None:
+    """Give a functions-framework CloudEvent app (which routes only POSTs to the function)
+    the three GET endpoints."""
+    for path in PATHS:
+        def view(path: str = path) -> Response:
+            return respond(svc(), path, needs_broker)
+
+        app.add_url_rule(path, endpoint=f"docproc{path.replace('/', '_')}", view_func=view,
+                         methods=["GET"])
+
+
+def http_function(routes: Map, endpoints: dict[str, Endpoint]) -> Callable[[Services, Request],
+                                                                        Response]:
+    """An HTTP function's handler: its routes, plus the health and metrics endpoints."""
+    def handle(svc: Services, request: Request) -> Response:
+        if request.method == "GET" and request.path in PATHS:
+            return respond(svc, request.path, needs_broker=False)
+        return dispatch(routes, endpoints, request, svc)
+
+    return handle
+
+
+class _Threaded(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds
+        pass
+
+
+def serve_in_background(svc: Services, host: str, port: int, needs_broker: bool) -> Any:
+    """The endpoints on their own port, for `docproc worker`."""
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = Request(environ).path
+        response = (respond(svc, path, needs_broker) if path in PATHS
+                    else json_response({"error": {"code": "not_found", "message": path}}, 404))
+        return response(environ, start_response)
+
+    server = make_server(host, port, app, server_class=_Threaded, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True, name="ops-http").start()
+    return server
