@@ -78,9 +78,14 @@ def _operations() -> dict[str, dict[str, Any]]:
                     _param("X-Document-Kind", "header", "document kind"),
                     _param("Idempotency-Key", "header", "a retried upload with the same key "
                            "returns the first document"),
+                    _param("X-Gateway-Secret", "header", "set by Kong when the deployment "
+                           "requires it (DOCPROC_GATEWAY_SECRET)"),
                 ],
                 "requestBody": upload_body,
                 "responses": {"202": {**_json(s.Accepted, "accepted for processing"),
+                                      "headers": {"Location": {"schema": {"type": "string"}}}},
+                              "200": {**_json(s.Accepted, "the same bytes from the same user "
+                                              "are already a document: that one"),
                                       "headers": {"Location": {"schema": {"type": "string"}}}},
                               **_errors(400, 401, 403, 413, 415, 503)},
             },

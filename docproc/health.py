@@ -8,6 +8,7 @@ Prometheus exposition.
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -22,7 +23,8 @@ from werkzeug.routing import Map
 from werkzeug.wrappers import Request, Response
 
 from docproc.runtime import Services
-from shared.http import Endpoint, dispatch, json_response
+from shared.errors import ApiError
+from shared.http import Endpoint, dispatch, error_response, json_response
 
 PATHS = ("/healthz", "/readyz", "/metrics")
 
@@ -83,9 +85,24 @@ def http_function(routes: Map, endpoints: dict[str, Endpoint]) -> Callable[[Serv
     def handle(svc: Services, request: Request) -> Response:
         if request.method == "GET" and request.path in PATHS:
             return respond(svc, request.path, needs_broker=False)
+        refused = gateway_check(svc, request)
+        if refused is not None:
+            return refused
         return dispatch(routes, endpoints, request, svc)
 
     return handle
+
+
+def gateway_check(svc: Services, request: Request) -> Response | None:
+    """Refuse requests that did not come through Kong, when a gateway secret is set."""
+    expected = svc.settings.gateway_secret
+    if expected is None:
+        return None
+    given = request.headers.get("X-Gateway-Secret", "")
+    if hmac.compare_digest(given.encode(), expected.encode()):
+        return None
+    return error_response(ApiError(401, "unauthenticated",
+                                   "request did not come through the API gateway"))
 
 
 class _Threaded(ThreadingMixIn, WSGIServer):

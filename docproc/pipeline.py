@@ -10,7 +10,7 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
-from docproc.health import PATHS, respond
+from docproc.health import PATHS, gateway_check, respond
 from docproc.outbox import OutboxRelay
 from docproc.registry import EVENT_FUNCTIONS, HTTP_FUNCTIONS
 from docproc.runtime import Services, build_services
@@ -85,6 +85,9 @@ class Pipeline:
     def route(self, request: Request) -> Response:
         if request.method == "GET" and request.path in PATHS:
             return respond(self.services, request.path, needs_broker=bool(self.runners))
+        refused = gateway_check(self.services, request)
+        if refused is not None:
+            return refused
         for fn in HTTP_FUNCTIONS:
             if matches(fn.routes, request):
                 return fn.handle(self.services, request)

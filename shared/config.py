@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         default=None, validation_alias="DOCPROC_LINK_PREVIOUS_KEY_UNTIL")
     link_grace_seconds: int = Field(default=7 * 24 * 3600, ge=0,
                                     validation_alias="DOCPROC_LINK_GRACE_SECONDS")
+    # When set, requests must carry it in X-Gateway-Secret (Kong adds it): proof that the
+    # X-Consumer-* identity headers come from Kong and not from someone bypassing it.
+    gateway_secret: str | None = Field(default=None, min_length=16,
+                                       validation_alias="DOCPROC_GATEWAY_SECRET")
     # Prefix of RabbitMQ exchange and queue names; lets several installations (or test runs)
     # share one broker without seeing each other's events.
     amqp_prefix: str = Field(
@@ -115,7 +119,8 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("amqp_url", "mongodb_uri", "redis_url", "kms_key_id", "k_sink", "link_key",
-                     "link_previous_key", "fcm_endpoint", "public_url_override", mode="before")
+                     "link_previous_key", "fcm_endpoint", "public_url_override",
+                     "gateway_secret", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # An exported-but-empty variable means "not configured", as shells make that easy.

@@ -145,6 +145,12 @@ class DocumentRepository:
         raw = self.col.find_one({"_id": doc_id})
         return Document.model_validate(raw) if raw else None
 
+    def same_content(self, owner: str, sha256: str) -> Document | None:
+        """The owner's live document with these exact bytes, if any (a repeated upload)."""
+        raw = self.col.find_one({"owner": owner, "sha256": sha256, "status": {"$in": [
+            Status.PROCESSING.value, Status.STORED.value, Status.REJECTED.value]}})
+        return Document.model_validate(raw) if raw else None
+
     def by_idempotency_key(self, owner: str, key: str) -> Document | None:
         raw = self.col.find_one({"owner": owner, "idempotency_key": key})
         return Document.model_validate(raw) if raw else None

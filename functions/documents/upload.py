@@ -174,6 +174,13 @@ def upload(svc: Services, request: Request) -> Response:
         wrapped_key=wrapped.to_doc(), idempotency_key=key, upload_event_id=new_document_id(),
     )
     try:
+        same = svc.documents.same_content(ident.user_id, doc.sha256)
+        if same is not None:
+            # The same bytes from the same driver (a retry without Idempotency-Key, a double
+            # tap): the existing document is the answer, not a second copy.
+            svc.blobs.delete(Area.STAGING, doc_id)
+            UPLOADS.labels("duplicate").inc()
+            return accepted(same, status=200)
         _record_and_announce(svc, doc)
     except DuplicateIdempotencyKey as dup:
         # A concurrent retry of the same upload won the race; ours leaves no trace.
@@ -202,6 +209,6 @@ def _record_and_announce(svc: Services, doc: Document) -> None:
     publish_recorded(svc, doc.id, event)
 
 
-def accepted(doc: Document) -> Response:
+def accepted(doc: Document, status: int = 202) -> Response:
     body = Accepted(id=doc.id, status=doc.status.value)
-    return json_response(body.model_dump(), 202, {"Location": f"/v1/documents/{doc.id}"})
+    return json_response(body.model_dump(), status, {"Location": f"/v1/documents/{doc.id}"})

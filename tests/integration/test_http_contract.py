@@ -270,3 +270,37 @@ def test_upload_cut_short_keeps_nothing(small: Running) -> None:
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"incomplete_body" in answer
     _nothing_kept(small)
+
+
+def test_same_bytes_from_the_same_driver_return_the_existing_document(
+    small: Running, http: requests.Session,
+) -> None:
+    body = samples.pdf(samples.marker())
+    first = upload(http, small.base_url, body, "application/pdf")
+    assert first.status_code == 202
+    again = upload(http, small.base_url, body, "application/pdf", filename="again.pdf")
+    assert again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    other = upload(http, small.base_url, body, "application/pdf", headers=OTHER_DRIVER)
+    assert other.status_code == 202  # another driver's copy is their own document
+    assert small.svc.documents.col.count_documents({"owner": "driver-1"}) == 1
+    settled(http, small.base_url, first.json()["id"])
+    staged = [p for p in (small.svc.settings.efs_root / "staging").rglob("*") if p.is_file()]
+    assert staged == [] or [p.name for p in staged] == [other.json()["id"]]
+
+
+def test_identity_headers_without_the_gateway_secret_are_refused(
+    service_settings: Callable[..., Settings], http: requests.Session,
+) -> None:
+    secret = "kong-to-docproc-" + "s" * 16
+    with serving(service_settings, gateway_secret=secret) as run:
+        forged = upload(http, run.base_url, samples.pdf(), "application/pdf")
+        _error(forged, 401, "unauthenticated")
+        wrong = upload(http, run.base_url, samples.pdf(), "application/pdf",
+                       headers={**DRIVER, "X-Gateway-Secret": "guess"})
+        _error(wrong, 401, "unauthenticated")
+        through_kong = upload(http, run.base_url, samples.pdf(), "application/pdf",
+                              headers={**DRIVER, "X-Gateway-Secret": secret})
+        assert through_kong.status_code == 202
+        assert http.get(run.url("/healthz")).status_code == 200  # probes need no secret
+        assert run.svc.documents.col.count_documents({}) == 1

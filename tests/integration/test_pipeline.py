@@ -4,7 +4,9 @@ upload → document.uploaded → storage on EFS + MongoDB → document.stored �
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pika
@@ -15,8 +17,9 @@ from events import amqp_codec, topology
 from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
 from shared.blobstore import Area
+from shared.config import Settings
 from tests import samples
-from tests.conftest import Running
+from tests.conftest import Running, serving
 from tests.fcm_stub import FcmStub
 from tests.helpers import DRIVER, register_device, settled, upload, wait_for
 
@@ -201,3 +204,32 @@ def test_tampered_stored_chunk_fails_to_decrypt(running: Running, http: requests
     # The chunks before the tampered one arrived; nothing after it did.
     assert 0 < len(received) < len(body)
     assert body.startswith(received)
+
+
+def test_no_plaintext_in_broker_messages_or_any_collection(
+    service_settings: Callable[..., Settings], http: requests.Session,
+) -> None:
+    """Events carry metadata only: the bytes stay in the encrypted object on EFS."""
+    from bson import json_util
+
+    with serving(service_settings, consumers=False) as run:
+        mark = samples.marker()
+        body = samples.pdf(mark)
+        assert mark in body
+        doc_id = upload(http, run.base_url, body, "application/pdf").json()["id"]
+        settings = run.svc.settings
+        conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url or ""))
+        try:
+            chan = conn.channel()
+            _, props, message = wait_for(
+                lambda: (r := chan.basic_get(topology.queue(settings.amqp_prefix, "storage")))
+                and r[0] and r, what="the queued event")
+            assert json.loads(message)["document_id"] == doc_id
+            assert mark not in message
+            assert mark not in repr(props.headers).encode()
+        finally:
+            conn.close()  # unacknowledged: the event goes back to its queue
+        db = run.svc.mongo.db
+        for name in db.list_collection_names():
+            dump = json_util.dumps(list(db[name].find())).encode()
+            assert mark not in dump, f"plaintext in the {name} collection"
