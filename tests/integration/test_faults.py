@@ -64,9 +64,13 @@ def _pushes_per_document(fcm: FcmStub, token: str) -> Counter[str]:
 
 def _assert_once_each(run: Running, fcm: FcmStub, token: str, ids: list[str]) -> None:
     """Every document stored exactly once and announced exactly once."""
+    started = time.monotonic()
     assert _all_settled(run, ids) == Counter({"stored": len(ids)})
     wait_for(lambda: set(_pushes_per_document(fcm, token)) >= set(ids), timeout=60,
              what="every push")
+    # Reported for the record (run with -s): how long the pipeline took to catch up.
+    print(f"\n{len(ids)} documents stored and announced {time.monotonic() - started:.1f} s "
+          "after the fault was over")
     time.sleep(1.0)  # time for a duplicate to show up, if one were coming
     pushes = _pushes_per_document(fcm, token)
     assert {i: pushes[i] for i in ids} == dict.fromkeys(ids, 1)

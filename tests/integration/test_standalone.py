@@ -4,6 +4,7 @@ Together, as separate processes, they carry a document through the whole flow.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,21 +78,44 @@ def test_functions_as_separate_processes_carry_a_document_end_to_end(
             assert push["data"]["download_url"] == doc["download_url"]
 
 
-def test_cloudevent_function_refuses_a_malformed_event(
+GOOD = {"ce-specversion": "1.0", "ce-id": "x-1", "ce-source": "/t",
+        "ce-type": "io.docproc.document.uploaded", "Content-Type": "application/json"}
+GOOD_DATA = {"document_id": "a" * 32, "owner": "driver-1", "filename": "a.pdf",
+             "declared_type": "application/pdf", "size": 3, "sha256": "b" * 64}
+
+
+@pytest.mark.parametrize(
+    ("headers", "data"),
+    [
+        ({**GOOD, "ce-id": ""}, GOOD_DATA),                                 # missing id
+        ({k: v for k, v in GOOD.items() if k != "ce-source"}, GOOD_DATA),   # missing source
+        ({**GOOD, "ce-specversion": "0.3"}, GOOD_DATA),                     # wrong version
+        ({**GOOD, "ce-type": "com.example.unknown"}, GOOD_DATA),            # unknown type
+        (GOOD, {**GOOD_DATA, "document_id": 7}),                             # invalid data
+        (GOOD, {**GOOD_DATA, "size": -1}),
+        (GOOD, {**GOOD_DATA, "filename": "x" * 100_000}),                    # oversized
+        ({"Content-Type": "application/json"}, {"not": "an event"}),         # no CloudEvent
+    ],
+    ids=["no-id", "no-source", "specversion", "unknown-type", "bad-id", "bad-size",
+         "oversized", "not-an-event"],
+)
+def test_cloudevent_function_refuses_malformed_events(
     service_settings: Callable[..., Settings], tmp_path: Path, http: requests.Session,
+    headers: dict[str, str], data: dict[str, object],
 ) -> None:
-    env = settings_env(service_settings())
-    base, storage = functions_framework("storage", "storage", "cloudevent", env,
-                                        tmp_path / "storage.log")
+    """Events that can never succeed answer 4xx, which Knative does not retry but sends to
+    the dead-letter sink, and leave nothing behind."""
+    settings = service_settings()
+    base, storage = functions_framework("storage", "storage", "cloudevent",
+                                        settings_env(settings), tmp_path / "storage.log")
     with storage:
-        resp = http.post(base + "/", data=b"{}", timeout=10, headers={
-            "ce-specversion": "1.0", "ce-id": "x", "ce-source": "/t",
-            "ce-type": "io.docproc.document.uploaded", "Content-Type": "application/json"})
-        # Invalid data can never succeed: 400, which Knative dead-letters without retrying.
-        assert resp.status_code == 400
-        assert "document_id" in resp.text
-        resp = http.post(base + "/", data=b"not an event", timeout=10)
-        assert 400 <= resp.status_code < 500
+        resp = http.post(base + "/", data=json.dumps(data), timeout=10, headers=headers)
+        assert 400 <= resp.status_code < 500, resp.text[:300]
+    import pymongo
+
+    client: pymongo.MongoClient[dict[str, object]] = pymongo.MongoClient(settings.mongodb_uri)
+    assert client[settings.mongodb_database]["documents"].count_documents({}) == 0
+    client.close()
 
 
 def test_worker_refuses_to_start_without_a_broker(tmp_path: Path) -> None:
