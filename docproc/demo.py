@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any
 
 import requests
@@ -28,7 +29,8 @@ def sample_pdf() -> bytes:
     writer = PdfWriter()
     for _ in range(2):
         writer.add_blank_page(width=595, height=842)
-    writer.add_metadata({"/Title": "Proof of delivery #1042"})
+    # A fresh id each run: the same bytes again would be answered with the first document.
+    writer.add_metadata({"/Title": "Proof of delivery #1042", "/Subject": uuid.uuid4().hex})
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
