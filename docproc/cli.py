@@ -234,6 +234,45 @@ def _aws_backup_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _release(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from docproc.release import ReleaseError, Releases, dump_batch, swap_active
+
+    root = Path(args.knative)
+    try:
+        if args.action == "activate":
+            clusters = root / "route53.yaml"
+            change, batch = swap_active(clusters, args.function)
+            out = root / "route53-change.json"
+            out.write_text(dump_batch(batch))
+            print(change.diff())
+            print(f"wrote {out}; apply it with:\n  aws route53 change-resource-record-sets "
+                  f"--hosted-zone-id <zone> --change-batch file://{out}")
+            return 0
+        releases = Releases(root)
+        if args.action == "canary":
+            if args.percent is None or not args.revision:
+                raise ReleaseError("canary needs a percent and --revision")
+            changes = releases.canary(args.cluster, args.function, args.percent,
+                                      args.revision, args.current)
+        elif args.action == "promote":
+            changes = releases.promote(args.cluster, args.function)
+        elif args.action == "rollback":
+            changes = releases.rollback(args.cluster, args.function)
+        else:
+            if not args.revision:
+                raise ReleaseError("switch needs --revision")
+            changes = releases.switch(args.cluster, args.function, args.revision, args.current)
+    except ReleaseError as exc:
+        print(f"docproc release: {exc}", file=sys.stderr)
+        return 2
+    for change in changes:
+        print(change.diff())
+    print(f"review, commit, then:\n  kubectl apply -k {root / 'overlays' / args.cluster}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from docproc.demo import run_demo
 
@@ -307,6 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     backup.add_argument("--retention-days", type=int, default=35)
     backup.add_argument("--kms-key", help="aws-plan: KMS key ARN for the vault")
     backup.set_defaults(func=_backup)
+
+    release = sub.add_parser("release", help="traffic splits in the Knative overlays, and the "
+                             "odd/even cluster swap")
+    release.add_argument("action", choices=["canary", "promote", "rollback", "switch",
+                                            "activate"],
+                         help="switch: blue-green; activate: make a cluster the active one")
+    release.add_argument("function", nargs="?", default=None,
+                         help="the function (for activate: odd or even, default the passive)")
+    release.add_argument("percent", nargs="?", type=int, default=None,
+                         help="canary: the candidate's share of traffic")
+    release.add_argument("--revision", help="the new revision (canary, switch)")
+    release.add_argument("--current", help="the revision serving now, when none is pinned yet")
+    release.add_argument("--cluster", default="odd", choices=["odd", "even"])
+    release.add_argument("--knative", default="knative", help="the knative/ directory")
+    release.set_defaults(func=_release)
 
     demo = sub.add_parser("demo", help="start the pipeline and send a sample document through it")
     demo.add_argument("--keep-running", action="store_true",
