@@ -103,7 +103,8 @@ from pymongo import ASCENDING
 from pymongo.collection import Collection
 
 from docproc.runtime import Services
-from shared.blobstore import Area
+from shared.aws_backup import aws_error_code
+from shared.blobstore import Area, fsync_dir
 from shared.documents import Status
 from shared.envelope import EnvelopeError, decrypt_stream
 from shared.ids import is_document_id
@@ -473,7 +474,7 @@ class _LocalStore(_Store):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         self.put(rel, _BytesSource(data))
@@ -514,22 +515,6 @@ class _BytesSource:
         return bytes(out)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _error_code(exc: BaseException) -> str | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        return str(code) if code is not None else None
-    return None
-
-
 class _S3Store(_Store):
     def __init__(self, client: Any, bucket: str, prefix: str) -> None:
         self.client = client
@@ -562,7 +547,7 @@ class _S3Store(_Store):
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
         except Exception as exc:
-            if _error_code(exc) in ("NoSuchKey", "404"):
+            if aws_error_code(exc) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(f"{self.location}/{rel}") from None
             raise
         try:

@@ -77,13 +77,7 @@ class Releases:
                current: str | None = None) -> list[Change]:
         if not 0 < percent < 100:
             raise ReleaseError("a canary takes between 1 and 99 percent of the traffic")
-        self._check_revision(function, revision)
-        stable = self._tagged(cluster, function, "current")
-        base = stable["revisionName"] if stable else current
-        if base is None:
-            raise ReleaseError(f"{function} on {cluster} has no pinned current revision yet: "
-                               "name it with --current")
-        self._check_revision(function, base)
+        base = self._current(cluster, function, revision, current)
         if base == revision:
             raise ReleaseError(f"{revision} is already the current revision")
         return self._write(cluster, function, [
@@ -121,18 +115,26 @@ class Releases:
     def switch(self, cluster: str, function: str, revision: str,
                current: str | None = None) -> list[Change]:
         """Blue-green: all traffic to ``revision`` at once, the old one kept tagged."""
-        self._check_revision(function, revision)
-        stable = self._tagged(cluster, function, "current")
-        base = stable["revisionName"] if stable else current
-        if base is None:
-            raise ReleaseError(f"{function} on {cluster} has no pinned current revision yet: "
-                               "name it with --current")
+        base = self._current(cluster, function, revision, current)
         if base == revision:
             raise ReleaseError(f"{revision} already takes all the traffic")
         return self._write(cluster, function, [_entry(revision, 100, "current"),
                                                _entry(base, 0, "previous")])
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _current(self, cluster: str, function: str, revision: str,
+                 current: str | None) -> str:
+        """The pinned current revision (or the one named, when none is pinned yet), after
+        checking that both it and the new ``revision`` belong to the function."""
+        self._check_revision(function, revision)
+        stable = self._tagged(cluster, function, "current")
+        base = stable["revisionName"] if stable else current
+        if base is None:
+            raise ReleaseError(f"{function} on {cluster} has no pinned current revision yet: "
+                               "name it with --current")
+        self._check_revision(function, str(base))
+        return str(base)
 
     def _tagged(self, cluster: str, function: str, tag: str) -> dict[str, Any] | None:
         entries = self.traffic(cluster, function)

@@ -44,6 +44,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "AwsBackupError",
     "BackupPlanRefs",
+    "aws_error_code",
     "backup_plan_document",
     "describe",
     "ensure_backup_plan",
@@ -96,7 +97,8 @@ class BackupPlanRefs:
         ])
 
 
-def _error_code(exc: BaseException) -> str | None:
+def aws_error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError (None for anything else)."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
@@ -164,7 +166,7 @@ def _describe_vault(client: Any, vault_name: str) -> dict[str, Any] | None:
     try:
         return _clean(client.describe_backup_vault(BackupVaultName=vault_name))
     except Exception as exc:
-        if _error_code(exc) == "ResourceNotFoundException":
+        if aws_error_code(exc) == "ResourceNotFoundException":
             return None
         raise
 
@@ -185,7 +187,7 @@ def ensure_vault(client: Any, vault_name: str, *,
             created = client.create_backup_vault(**args)
         except Exception as exc:
             # Another deploy created it between our describe and create: use theirs.
-            if _error_code(exc) != "AlreadyExistsException":
+            if aws_error_code(exc) != "AlreadyExistsException":
                 raise
             existing = _describe_vault(client, vault_name)
             if existing is None:

@@ -50,7 +50,7 @@ class BlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -75,7 +75,7 @@ class BlobStore:
             if dst.is_file():
                 return
             raise
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
 
     def delete(self, area: Area, doc_id: str) -> bool:
         try:
@@ -85,7 +85,8 @@ class BlobStore:
         return True
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or creation in ``directory`` survive a crash."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
