@@ -85,8 +85,12 @@ class RabbitDeadLetters:
             event["data"] = json.loads(body)
         except ValueError:
             event["data"] = body.decode(errors="replace")
+        # Dead-lettered by RabbitMQ itself (delivery limit): its x-death header says why.
+        reason = headers.get(DEAD_REASON_HEADER) or (
+            f"rabbitmq: {headers['x-first-death-reason']} (a consumer died on it "
+            "every time it was delivered)" if "x-first-death-reason" in headers else "")
         return DeadLetter(id=str(props.message_id or event.get("id")), function=fn,
-                          reason=str(headers.get(DEAD_REASON_HEADER, "")),
+                          reason=str(reason),
                           attempts=int(headers.get(ATTEMPT_HEADER, 1)), event=event)
 
     def list(self, fn: str) -> list[DeadLetter]:

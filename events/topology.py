@@ -2,7 +2,9 @@
 
 ```
 <prefix>.events            topic exchange; routing key = CloudEvent type
-<prefix>.<fn>              durable queue per function, bound by event type
+<prefix>.<fn>              durable quorum queue per function, bound by event type; a message
+                           delivered more than DELIVERY_LIMIT times without an ack (its
+                           consumer keeps dying on it) is dead-lettered by RabbitMQ itself
 <prefix>.<fn>.retry.<ms>   holding queue per backoff delay, whose TTL is that delay; expired
                            messages dead-letter straight back to <prefix>.<fn>
 <prefix>.<fn>.dlq          dead letters, with the reason and attempt count in headers
@@ -36,11 +38,21 @@ def dead_letter_queue(prefix: str, fn: str) -> str:
     return f"{prefix}.{fn}.dlq"
 
 
+# Handler failures are retried and dead-lettered by the runner; this bounds the other kind,
+# a message that crashes (or OOM-kills) every worker that takes it.
+DELIVERY_LIMIT = 5
+
+
 def declare(channel: Any, prefix: str, delays: tuple[float, ...]) -> None:
     channel.exchange_declare(exchange(prefix), exchange_type="topic", durable=True)
     for fn, types in ROUTES.items():
         main = queue(prefix, fn)
-        channel.queue_declare(main, durable=True)
+        channel.queue_declare(main, durable=True, arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead_letter_queue(prefix, fn),
+        })
         for event_type in types:
             channel.queue_bind(main, exchange(prefix), routing_key=event_type)
         for delay in delays:

@@ -177,3 +177,47 @@ def test_embedded_bus_keeps_events_across_a_restart(bus_db: Any) -> None:
     finally:
         second.stop()
     assert seen == [event["id"]]
+
+
+CRASHER = """
+import os, sys
+from events.runner import RabbitRunner
+from events.subscriptions import RetryPolicy, Subscription
+
+def crash(event):
+    os._exit(3)  # as an out-of-memory kill would: no exception, no ack, no goodbye
+
+RabbitRunner(sys.argv[1], sys.argv[2], Subscription("storage", crash),
+             RetryPolicy((0.1,)), 1).run()
+"""
+
+
+def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_broker(
+    service_settings: Callable[..., Settings],
+) -> None:
+    import subprocess
+    import sys
+
+    from docproc.operations import RabbitDeadLetters
+    from events.publisher import AmqpPublisher
+    from events.topology import DELIVERY_LIMIT
+
+    settings = service_settings()
+    url = settings.amqp_url or ""
+    publisher = AmqpPublisher(url, settings.amqp_prefix, settings.retry_delays)
+    event = _event()
+    publisher.publish(event)
+    publisher.close()
+    store = RabbitDeadLetters(url, settings.amqp_prefix)
+    crashes = 0
+    for _ in range(DELIVERY_LIMIT + 3):
+        if store.list("storage"):
+            break
+        run = subprocess.run([sys.executable, "-c", CRASHER, url, settings.amqp_prefix],
+                             timeout=60, capture_output=True, check=False)
+        assert run.returncode == 3, run.stderr[-500:]
+        crashes += 1
+    [letter] = store.list("storage")
+    assert letter.id == event["id"]
+    assert "delivery_limit" in letter.reason
+    assert DELIVERY_LIMIT <= crashes <= DELIVERY_LIMIT + 1
