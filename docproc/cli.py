@@ -242,11 +242,11 @@ def _release(args: argparse.Namespace) -> int:
     root = Path(args.knative)
     try:
         if args.action == "activate":
-            clusters = root / "route53.yaml"
-            change, batch = swap_active(clusters, args.function)
+            changes, batch = swap_active(root, args.function)
             out = root / "route53-change.json"
             out.write_text(dump_batch(batch))
-            print(change.diff())
+            for change in changes:
+                print(change.diff())
             print(f"wrote {out}; apply it with:\n  aws route53 change-resource-record-sets "
                   f"--hosted-zone-id <zone> --change-batch file://{out}")
             return 0

@@ -163,11 +163,16 @@ class Releases:
         kustomization = self.overlay(cluster) / "kustomization.yaml"
         k_before = kustomization.read_text()
         k_doc = yaml.safe_load(k_before) or {}
-        patches = k_doc.setdefault("patches", [])
         rel = f"traffic/{function}.yaml"
-        if not any(isinstance(p, dict) and p.get("path") == rel for p in patches):
-            patches.append({"path": rel})
-            k_after = yaml.safe_dump(k_doc, sort_keys=False)
+        if not any(isinstance(p, dict) and p.get("path") == rel
+                   for p in k_doc.get("patches") or []):
+            # Edited as text, so the file's comments (its documentation) survive.
+            entry = f"  - path: {rel}\n"
+            if re.search(r"^patches:\s*$", k_before, flags=re.MULTILINE):
+                k_after = re.sub(r"^patches:\s*\n", lambda m: m.group(0) + entry, k_before,
+                                 count=1, flags=re.MULTILINE)
+            else:
+                k_after = k_before.rstrip("\n") + "\npatches:\n" + entry
             kustomization.write_text(k_after)
             changes.append(Change(kustomization, k_before, k_after))
         return changes
@@ -197,10 +202,12 @@ def _check_split(function: str, entries: list[dict[str, Any]]) -> None:
 
 # -- odd/even clusters and Route 53 -------------------------------------------------------
 
-def swap_active(clusters_file: Path, to: str | None = None) -> tuple[Change, dict[str, Any]]:
+def swap_active(knative_dir: Path, to: str | None = None) -> tuple[list[Change], dict[str, Any]]:
     """Make the passive cluster active: the Route 53 failover pair for the production API
-    points PRIMARY at it (SECONDARY at the other), and the beta apps' record at the new
-    passive one. Returns the config change and the Route 53 change batch to apply."""
+    points PRIMARY at it (SECONDARY at the other), the beta apps' record at the new passive
+    one, and the overlays' active flag and scheduled jobs follow. Returns the file changes
+    and the Route 53 change batch to apply."""
+    clusters_file = knative_dir / "route53.yaml"
     before = clusters_file.read_text()
     config = yaml.safe_load(before)
     active = config["active"]
@@ -211,10 +218,33 @@ def swap_active(clusters_file: Path, to: str | None = None) -> tuple[Change, dic
         raise ReleaseError(f"no cluster {new!r}")
     if new == active:
         raise ReleaseError(f"{new} is already the active cluster")
-    config["active"] = new
-    after = yaml.safe_dump(config, sort_keys=False)
+    after = re.sub(r"^active:.*$", f"active: {new}", before, count=1, flags=re.MULTILINE)
     clusters_file.write_text(after)
-    return Change(clusters_file, before, after), change_batch(config)
+    config["active"] = new
+    changes = [Change(clusters_file, before, after)]
+    for cluster in CLUSTERS:
+        changes += _flag_overlay(knative_dir / "overlays" / cluster, cluster == new)
+    return changes, change_batch(config)
+
+
+def _flag_overlay(overlay: Path, active: bool) -> list[Change]:
+    """The slot's docproc.io/active label, and its CronJobs running only when active."""
+    changes = []
+    edits = (
+        (overlay / "slot.yaml", r'(docproc\.io/active: )"(?:true|false)"',
+         rf'\g<1>"{str(active).lower()}"'),
+        (overlay / "kustomization.yaml",
+         r"(path: /spec/suspend\n\s*value: )(?:true|false)", rf"\g<1>{str(not active).lower()}"),
+    )
+    for path, pattern, replacement in edits:
+        if not path.exists():
+            continue
+        text = path.read_text()
+        new_text = re.sub(pattern, replacement, text, count=1)
+        if new_text != text:
+            path.write_text(new_text)
+            changes.append(Change(path, text, new_text))
+    return changes
 
 
 def change_batch(config: dict[str, Any]) -> dict[str, Any]:
