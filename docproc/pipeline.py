@@ -33,11 +33,16 @@ class Pipeline:
         self.bus: InProcessBus | None = None
         self.runners: list[RabbitRunner] = []
         self._threads: list[threading.Thread] = []
-        if settings.amqp_url:
+        if settings.amqp_url or settings.k_sink:
+            # Events leave the process: to RabbitMQ (consumed here unless `consumers` is
+            # false) or to a Knative sink, whose broker delivers them to the functions.
             self.services = build_services(settings)
-            for make in EVENT_FUNCTIONS.values() if consumers else ():
+            amqp_url = settings.amqp_url
+            for make in EVENT_FUNCTIONS.values():
+                if not consumers or amqp_url is None:
+                    break
                 self.runners.append(RabbitRunner(
-                    settings.amqp_url, settings.amqp_prefix, make(self.services), policy,
+                    amqp_url, settings.amqp_prefix, make(self.services), policy,
                     settings.worker_concurrency))
         else:
             self.services = build_services(settings)

@@ -1,0 +1,69 @@
+"""Deployed on Knative, functions publish to K_SINK (the RabbitMQ broker's ingress) over
+HTTP in binary content mode; here a local HTTP sink stands in for the broker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from events import http_codec
+from events.catalog import DOCUMENT_UPLOADED
+from events.cloudevent import validate
+from shared.config import Settings
+from tests import samples
+from tests.conftest import serving
+from tests.helpers import upload, wait_for
+
+pytestmark = pytest.mark.services
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.fail_next = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        request = Request(environ)
+        if self.fail_next:
+            self.fail_next -= 1
+            return Response("broker busy", status=503)(environ, start_response)
+        self.received.append((dict(request.headers), request.get_data()))
+        return Response(status=202)(environ, start_response)
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, str]]:
+    app = Sink()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield app, f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+
+
+def test_upload_publishes_to_k_sink_in_binary_mode(
+    service_settings: Callable[..., Settings], sink: tuple[Sink, str], http: requests.Session,
+) -> None:
+    app, url = sink
+    app.fail_next = 1  # the first attempt meets a busy broker and is retried
+    with serving(service_settings, consumers=False, amqp_url=None, k_sink=url) as run:
+        assert run.svc.settings.k_sink == url.rstrip("/")
+        body = samples.pdf(samples.marker())
+        doc_id = upload(http, run.base_url, body, "application/pdf").json()["id"]
+        wait_for(lambda: app.received, what="the event")
+        headers, data = app.received[0]
+        assert headers["Ce-Type"] == DOCUMENT_UPLOADED
+        assert headers["Ce-Subject"] == doc_id
+        assert headers["Ce-Specversion"] == "1.0"
+        assert "Ce-Traceparent" in headers
+        event = http_codec.decode(headers, data)
+        assert validate(event).document_id == doc_id  # type: ignore[attr-defined]
+        record = run.svc.documents.get(doc_id)
+        assert record is not None
+        assert record.outbox == []  # confirmed by the sink (202), so out of the outbox
