@@ -48,12 +48,16 @@ def relay_once(svc: Services, limit: int = 100, retry_after: timedelta = RELAY_L
         doc = svc.documents.claim_outbox(RELAY_LEASE)
         if doc is None:
             break
+        if not doc.outbox:
+            svc.documents.outbox_drained(doc.id)  # published by its request already
+            continue
         for entry in doc.outbox:
             if not publish_recorded(svc, doc.id, from_json(entry["event"])):
                 # The broker is away: look again soon, and leave the rest for then.
                 svc.documents.reschedule_outbox(doc.id, retry_after)
                 return sent
             sent += 1
+        svc.documents.outbox_drained(doc.id)
     if sent:
         log.info("outbox relay published %d event(s)", sent)
     return sent

@@ -73,18 +73,23 @@ class DeliveryRepository:
             sent_tokens={s["token"] for s in raw.get("sent", [])},
         )
 
-    def mark_sent(self, key: str, token: str, message_id: str | None) -> None:
-        self.col.update_one(
-            {"_id": key, "sent.token": {"$ne": token}},
-            {"$push": {"sent": {"token": token, "message_id": message_id, "at": utcnow()}}},
-        )
+    def mark_sent(self, key: str, sent: list[tuple[str, str | None]]) -> None:
+        """Record devices that have the message, so a retry skips them."""
+        if sent:
+            now = utcnow()
+            self.col.update_one({"_id": key}, {"$push": {"sent": {"$each": [
+                {"token": t, "message_id": m, "at": now} for t, m in sent]}}})
 
-    def complete(self, key: str, outcome: dict[str, Any]) -> None:
-        self.col.update_one(
-            {"_id": key},
-            {"$set": {"state": "completed", "lease_until": None, "completed_at": utcnow(),
-                      "outcome": outcome}},
-        )
+    def complete(self, key: str, outcome: dict[str, Any],
+                 sent: list[tuple[str, str | None]] | None = None) -> None:
+        """Done; the devices reached in this last round are recorded in the same write."""
+        now = utcnow()
+        update: dict[str, Any] = {"$set": {"state": "completed", "lease_until": None,
+                                           "completed_at": now, "outcome": outcome}}
+        if sent:
+            update["$push"] = {"sent": {"$each": [
+                {"token": t, "message_id": m, "at": now} for t, m in sent]}}
+        self.col.update_one({"_id": key}, update)
 
     def release(self, key: str, error: str) -> None:
         self.col.update_one(

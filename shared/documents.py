@@ -172,8 +172,11 @@ class DocumentRepository:
         return Document.model_validate(raw) if raw else None
 
     def published(self, doc_id: str, event_id: str) -> None:
-        """The broker confirmed the event: take it out of the outbox."""
+        """The broker confirmed the event: take it out of the outbox. (One write on the hot
+        path: the relay clears ``outbox_due`` of a record it finds already empty.)"""
         self.col.update_one({"_id": doc_id}, {"$pull": {"outbox": {"id": event_id}}})
+
+    def outbox_drained(self, doc_id: str) -> None:
         self.col.update_one({"_id": doc_id, "outbox": {"$size": 0}},
                             {"$unset": {"outbox_due": ""}})
 

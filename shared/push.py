@@ -280,6 +280,15 @@ class FcmSender:
             return []
         if self._app is None:
             raise RuntimeError("FcmSender is closed")
+        if len(batch) == 1:
+            # send_each starts a thread pool per call; one message needs none.
+            try:
+                message_id = messaging.send(_build_message(batch[0]), app=self._app)
+            except ValueError as error:
+                return [PushResult(batch[0].token, "failed", error=f"ValueError: {error}")]
+            except exceptions.FirebaseError as error:
+                return [_classify(batch[0].token, error)]
+            return [PushResult(batch[0].token, "sent", message_id=str(message_id))]
         try:
             built = [_build_message(m) for m in batch]
             response: Any = messaging.send_each(built, app=self._app)

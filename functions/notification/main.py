@@ -62,15 +62,14 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     tokens = [d.token for d in user.devices] if user and user.status == "active" else []
     messages = [_message(token, data) for token in tokens if token not in already]
     results = svc.push.send(messages) if messages else []
-    sent = 0
+    sent: list[tuple[str, str | None]] = []
     unregistered: list[str] = []
     later: list[PushResult] = []
     failed: list[str] = []
     for result in results:
         NOTIFICATIONS.labels(result.outcome).inc()
         if result.outcome == "sent":
-            svc.deliveries.mark_sent(key, result.token, result.message_id)
-            sent += 1
+            sent.append((result.token, result.message_id))
         elif result.outcome == "unregistered":
             unregistered.append(result.token)
         elif result.outcome == "retry":
@@ -81,17 +80,18 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     if unregistered:
         svc.users.remove_tokens(data.owner, unregistered)
     if later:
+        svc.deliveries.mark_sent(key, sent)  # the retry only reaches the others
         hints = [r.retry_after for r in later if r.retry_after is not None]
         raise PushNotDelivered(f"{len(later)} device(s) to retry: {later[0].error}",
                                max(hints) if hints else None)
     svc.deliveries.complete(key, {
         "devices": len(tokens),
-        "sent": len(already) + sent,
+        "sent": len(already) + len(sent),
         "unregistered": len(unregistered),
         "failed": len(failed),
-    })
+    }, sent)
     log.info("announced %s of document %s to %d of %d device(s)", data.__class__.__name__,
-             data.document_id, len(already) + sent, len(tokens))
+             data.document_id, len(already) + len(sent), len(tokens))
 
 
 def _message(token: str, data: DocumentStored | DocumentRejected) -> PushMessage:
