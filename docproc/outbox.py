@@ -49,7 +49,7 @@ def relay_once(svc: Services, limit: int = 100, retry_after: timedelta = RELAY_L
         if doc is None:
             break
         if not doc.outbox:
-            svc.documents.outbox_drained(doc.id)  # published by its request already
+            svc.documents.outbox_drained(doc)  # published by its request already
             continue
         for entry in doc.outbox:
             if not publish_recorded(svc, doc.id, from_json(entry["event"])):
@@ -57,7 +57,7 @@ def relay_once(svc: Services, limit: int = 100, retry_after: timedelta = RELAY_L
                 svc.documents.reschedule_outbox(doc.id, retry_after)
                 return sent
             sent += 1
-        svc.documents.outbox_drained(doc.id)
+        svc.documents.outbox_drained(doc)
     if sent:
         log.info("outbox relay published %d event(s)", sent)
     return sent

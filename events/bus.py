@@ -19,7 +19,7 @@ from typing import Any
 
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent, from_json
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING
 from pymongo.database import Database
 
 from events.cloudevent import handling
@@ -117,12 +117,19 @@ class InProcessBus:
 
     def _claim(self, name: str) -> dict[str, Any] | None:
         now = _now()
-        return self.queue.find_one_and_update(
-            {"fn": name, "due_at": {"$lte": now},
-             "$or": [{"lease_until": None}, {"lease_until": {"$lt": now}}]},
-            {"$set": {"lease_until": now + LEASE}},
-            sort=[("due_at", ASCENDING)], return_document=ReturnDocument.AFTER,
-        )
+        candidates = self.queue.find({"fn": name, "due_at": {"$lte": now}}).sort(
+            "due_at", ASCENDING).limit(self.concurrency * 2)
+        for message in candidates:
+            lease = message.get("lease_until")
+            if lease is not None and lease >= now:
+                continue  # another worker has it
+            # Taken only if nobody leased it since we read it (update_one, as
+            # find_one_and_update costs SecantusDB time in proportion to the collection).
+            taken = self.queue.update_one({"_id": message["_id"], "lease_until": lease},
+                                          {"$set": {"lease_until": now + LEASE}})
+            if taken.modified_count == 1:
+                return message
+        return None
 
     def _worker(self, name: str) -> None:
         sub = self._subs[name]

@@ -116,8 +116,14 @@ class DocumentRepository:
         self.col.create_index(
             [("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"
         )
-        self.col.create_index([("owner", ASCENDING), ("sha256", ASCENDING)], name="owner_sha256")
         self.col.create_index([("outbox_due", ASCENDING)], name="outbox_due", sparse=True)
+        # Whole-filter indexes for the per-document conditional writes and the duplicate
+        # check: SecantusDB scans the collection when a filter has a field outside one index.
+        self.col.create_index([("_id", ASCENDING), ("status", ASCENDING)], name="id_status")
+        self.col.create_index([("_id", ASCENDING), ("outbox_due", ASCENDING)],
+                              name="id_outbox_due")
+        self.col.create_index([("owner", ASCENDING), ("sha256", ASCENDING), ("status", ASCENDING)],
+                              name="owner_sha256_status")
         # One index per browse filter, each ending in the sort order, so every page is an
         # index range scan (SecantusDB, like MongoDB, is slow on unindexed queries).
         self.col.create_index([("created_at", DESCENDING), ("_id", DESCENDING)], name="newest")
@@ -165,29 +171,33 @@ class DocumentRepository:
         if event is not None:
             update["$push"] = {"outbox": event.entry()}
             update["$set"]["outbox_due"] = now + self.outbox_grace
-        raw = self.col.find_one_and_update(
-            {"_id": doc_id, "status": Status.PROCESSING.value}, update,
-            return_document=ReturnDocument.AFTER,
-        )
-        return Document.model_validate(raw) if raw else None
+        # update_one + a read by _id, not find_one_and_update: on SecantusDB the latter
+        # costs time in proportion to the collection, whatever the filter.
+        result = self.col.update_one({"_id": doc_id, "status": Status.PROCESSING.value}, update)
+        return self.get(doc_id) if result.modified_count == 1 else None
 
     def published(self, doc_id: str, event_id: str) -> None:
         """The broker confirmed the event: take it out of the outbox. (One write on the hot
         path: the relay clears ``outbox_due`` of a record it finds already empty.)"""
         self.col.update_one({"_id": doc_id}, {"$pull": {"outbox": {"id": event_id}}})
 
-    def outbox_drained(self, doc_id: str) -> None:
-        self.col.update_one({"_id": doc_id, "outbox": {"$size": 0}},
+    def outbox_drained(self, doc: Document) -> None:
+        """Nothing left to relay: stop looking at the record, unless a new event arrived
+        since it was read (which sets a new ``outbox_due``)."""
+        self.col.update_one({"_id": doc.id, "outbox_due": doc.outbox_due},
                             {"$unset": {"outbox_due": ""}})
 
     def claim_outbox(self, lease: timedelta) -> Document | None:
         """A document with events left unpublished, leased so relays don't all take it."""
         now = utcnow()
-        raw = self.col.find_one_and_update(
-            {"outbox_due": {"$lte": now}}, {"$set": {"outbox_due": now + lease}},
-            sort=[("outbox_due", ASCENDING)], return_document=ReturnDocument.AFTER,
-        )
-        return Document.model_validate(raw) if raw else None
+        for raw in self.col.find({"outbox_due": {"$lte": now}}).sort("outbox_due",
+                                                                     ASCENDING).limit(20):
+            # Claimed only if no other relay moved the due time since we read it.
+            taken = self.col.update_one({"_id": raw["_id"], "outbox_due": raw["outbox_due"]},
+                                        {"$set": {"outbox_due": now + lease}})
+            if taken.modified_count == 1:
+                return self.get(raw["_id"])
+        return None
 
     def reschedule_outbox(self, doc_id: str, after: timedelta) -> None:
         self.col.update_one({"_id": doc_id, "outbox_due": {"$exists": True}},

@@ -82,8 +82,11 @@ def open_mongo(settings: Settings) -> MongoHandle:
         # embedded files can only be opened by one process at a time.
         (settings.data_dir / EMBEDDED_URI_FILE).write_text(uri)
         log.info("embedded MongoDB wire server (SecantusDB) at %s, data in %s", uri, path)
+    # Retryable writes cost SecantusDB more with every write (a session table it keeps);
+    # the embedded single-process server has no failover for them to survive anyway.
     client: MongoClient[dict[str, Any]] = MongoClient(
-        uri, serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, tz_aware=True
+        uri, serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, tz_aware=True,
+        retryWrites=settings.mongodb_uri is not None,
     )
     return MongoHandle(client=client, db=client[settings.mongodb_database], embedded=embedded,
                        uri_file=settings.data_dir / EMBEDDED_URI_FILE if embedded else None)
