@@ -1,0 +1,1 @@
+"""Throughput and latency benchmark of the docproc pipeline (see bench/README.md)."""

@@ -1,0 +1,176 @@
+"""How the pipeline's per-document MongoDB operations scale with the collection size on the
+SecantusDB server the project ships (and tests against).
+
+    .venv/bin/python -m bench.query_scaling [--sizes 500,2500] [--retry-writes]
+
+Starts its own ``secantusd-py`` on a free loopback port with a temporary storage directory,
+creates the documents and deliveries collections with the project's own indexes
+(``DocumentRepository.ensure_indexes``, ``DeliveryRepository.ensure_indexes``), fills them
+with records shaped like the pipeline's, and times each per-document operation (the same
+filter and update shapes as ``shared/documents.py`` and ``shared/deliveries.py``) at each
+size, with the server's ``explain`` plan of the filter. An operation whose time grows with
+the size is a collection scan: it makes every document slower as the installation grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient, ReturnDocument
+from pymongo.collection import Collection
+
+from shared.deliveries import DeliveryRepository
+from shared.documents import DocumentRepository
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _plan(col: Collection[dict[str, Any]], flt: dict[str, Any]) -> str:
+    explained = col.database.command("explain", {"find": col.name, "filter": flt, "limit": 1})
+    stage = explained["queryPlanner"]["winningPlan"]
+    names: list[str] = []
+    for _ in range(8):  # bounded walk down the plan's stages
+        names.append(str(stage.get("stage")) + (f"({stage['indexName']})"
+                                                 if "indexName" in stage else ""))
+        if "inputStage" not in stage:
+            break
+        stage = stage["inputStage"]
+    return " <- ".join(names)
+
+
+Operation = tuple[str, Collection[dict[str, Any]], dict[str, Any], Callable[[], object]]
+
+
+def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[str, Any]],
+                pending: str, now: datetime) -> list[Operation]:
+    """The per-document operations, with the pipeline's filter and update shapes."""
+    same = {"owner": "user1", "sha256": "0" * 64,
+            "status": {"$in": ["processing", "stored", "rejected"]}}
+    finish = {"_id": pending, "status": "processing"}
+    outbox = {"outbox_due": {"$lte": now}}
+    published = {"_id": pending, "outbox": {"$size": 0}}
+
+    def claim_filter() -> dict[str, Any]:
+        return {"_id": f"{secrets.token_hex(16)}.stored", "state": {"$ne": "completed"},
+                "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}]}
+
+    return [
+        ("documents.same_content (upload)", docs, same,
+         lambda: docs.find_one(same)),
+        ("documents.get (storage)", docs, {"_id": pending},
+         lambda: docs.find_one({"_id": pending})),
+        ("documents.finish (storage)", docs, finish,
+         lambda: docs.find_one_and_update(finish, {"$set": {"updated_at": now}},
+                                          return_document=ReturnDocument.AFTER)),
+        ("documents.published, 2nd update", docs, published,
+         lambda: docs.update_one(published, {"$unset": {"outbox_due": ""}})),
+        ("documents.claim_outbox (relay, per 2 s)", docs, outbox,
+         lambda: docs.find_one_and_update(outbox, {"$set": {"outbox_due": now}},
+                                          sort=[("outbox_due", 1)])),
+        ("deliveries.claim (notification)", deliveries, claim_filter(),
+         lambda: deliveries.find_one_and_update(
+             claim_filter(), {"$set": {"state": "in_progress"},
+                              "$setOnInsert": {"sent": []}, "$inc": {"attempts": 1}},
+             upsert=True, return_document=ReturnDocument.AFTER)),
+    ]
+
+
+def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
+    storage = Path(tempfile.mkdtemp(prefix="docproc-query-scaling-"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(port),
+         "--storage-path", str(storage / "db"), "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        options = "" if retry_writes else "?retryWrites=false"
+        client: MongoClient[dict[str, Any]] = MongoClient(f"mongodb://127.0.0.1:{port}/{options}")
+        db = client["query_scaling"]
+        DocumentRepository(db).ensure_indexes()
+        DeliveryRepository(db).ensure_indexes()
+        docs, deliveries = db["documents"], db["deliveries"]
+        now = datetime.now(UTC)
+        filled = 0
+        for size in sorted(sizes):
+            fill_started = time.perf_counter()
+            for i in range(filled, size):
+                doc_id = secrets.token_hex(16)
+                docs.insert_one({
+                    "_id": doc_id, "owner": f"user{i % 8}", "sha256": secrets.token_hex(32),
+                    "status": "stored", "created_at": now, "updated_at": now,
+                    "filename": "doc.pdf", "filename_folded": "doc.pdf",
+                    "declared_type": "application/pdf", "media_type": "application/pdf",
+                    "size": 65536, "upload_event_id": secrets.token_hex(16), "outbox": [],
+                    "wrapped_key": {"provider": "local", "key_id": "k", "blob": b"k" * 60},
+                    "metadata": {"pages": 1}})
+                deliveries.insert_one({
+                    "_id": f"{doc_id}.stored", "document_id": doc_id, "owner": f"user{i % 8}",
+                    "state": "completed", "lease_until": None, "attempts": 1,
+                    "sent": [{"token": "t", "message_id": "m"}]})
+            writes = 2 * (size - filled)
+            fill_ms = (time.perf_counter() - fill_started) * 1000 / max(writes, 1)
+            filled = size
+            pending = secrets.token_hex(16)
+            docs.insert_one({"_id": pending, "owner": "user1", "sha256": "p",
+                             "status": "processing", "created_at": now, "updated_at": now,
+                             "filename_folded": "p"})
+            ops = _operations(docs, deliveries, pending, now)
+            print(f"\n{size} documents and {size} deliveries "
+                  f"(retryWrites={'on' if retry_writes else 'off'}; filling took "
+                  f"{fill_ms:.2f} ms per insert):")
+            for name, col, flt, op in ops:
+                started = time.perf_counter()
+                for _ in range(repeat):
+                    op()
+                ms = (time.perf_counter() - started) / repeat * 1000
+                print(f"  {ms:8.2f} ms  {name:42} plan: {_plan(col, flt)}", flush=True)
+        client.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="500,2500",
+                        help="collection sizes to measure at (default 500,2500; max 20000)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per operation")
+    parser.add_argument("--retry-writes", action="store_true",
+                        help="leave pymongo's retryable writes on")
+    args = parser.parse_args(argv)
+    sizes = [min(int(s), 20_000) for s in args.sizes.split(",") if s.strip()]
+    run(sizes, args.retry_writes, max(1, min(args.repeat, 1000)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
