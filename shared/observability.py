@@ -101,3 +101,6 @@ def setup_logging(level: int = logging.INFO, fmt: str | None = None) -> None:
     # pymongo at debug level logs whole commands: device tokens, wrapped keys, sealed links.
     for noisy in ("pika", "urllib3", "google", "botocore", "secantus", "pymongo"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # pika logs every failed reconnection attempt with a traceback (thousands of lines for a
+    # few seconds of broker outage); the runner and publisher report outages themselves.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
