@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,19 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pymongo import MongoClient, ReturnDocument
+from pymongo import MongoClient
 from pymongo.collection import Collection
 
 from shared.deliveries import DeliveryRepository
 from shared.documents import DocumentRepository
+from tests.services import MongoServer
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _plan(col: Collection[dict[str, Any]], flt: dict[str, Any]) -> str:
@@ -60,16 +53,16 @@ Operation = tuple[str, Collection[dict[str, Any]], dict[str, Any], Callable[[], 
 
 def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[str, Any]],
                 pending: str, now: datetime) -> list[Operation]:
-    """The per-document operations, with the pipeline's filter and update shapes."""
+    """The per-document operations, with the pipeline's current filter and update shapes
+    (shared/documents.py, shared/deliveries.py: keep them in step)."""
     same = {"owner": "user1", "sha256": "0" * 64,
             "status": {"$in": ["processing", "stored", "rejected"]}}
     finish = {"_id": pending, "status": "processing"}
     outbox = {"outbox_due": {"$lte": now}}
-    published = {"_id": pending, "outbox": {"$size": 0}}
+    drained = {"_id": pending, "outbox_due": now}
 
     def claim_filter() -> dict[str, Any]:
-        return {"_id": f"{secrets.token_hex(16)}.stored", "state": {"$ne": "completed"},
-                "$or": [{"lease_until": {"$lt": now}}, {"lease_until": None}]}
+        return {"_id": f"{secrets.token_hex(16)}.stored", "lease_until": {"$lt": now}}
 
     return [
         ("documents.same_content (upload)", docs, same,
@@ -77,37 +70,26 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
         ("documents.get (storage)", docs, {"_id": pending},
          lambda: docs.find_one({"_id": pending})),
         ("documents.finish (storage)", docs, finish,
-         lambda: docs.find_one_and_update(finish, {"$set": {"updated_at": now}},
-                                          return_document=ReturnDocument.AFTER)),
-        ("documents.published, 2nd update", docs, published,
-         lambda: docs.update_one(published, {"$unset": {"outbox_due": ""}})),
-        ("documents.claim_outbox (relay, per 2 s)", docs, outbox,
-         lambda: docs.find_one_and_update(outbox, {"$set": {"outbox_due": now}},
-                                          sort=[("outbox_due", 1)])),
+         lambda: docs.update_one(finish, {"$set": {"updated_at": now}})),
+        ("documents.outbox_drained (relay)", docs, drained,
+         lambda: docs.update_one(drained, {"$unset": {"outbox_due": ""}})),
+        ("documents.claim_outbox candidates (relay)", docs, outbox,
+         lambda: list(docs.find(outbox).sort("outbox_due", 1).limit(20))),
         ("deliveries.claim (notification)", deliveries, claim_filter(),
-         lambda: deliveries.find_one_and_update(
-             claim_filter(), {"$set": {"state": "in_progress"},
+         lambda: deliveries.update_one(
+             claim_filter(), {"$set": {"state": "in_progress", "lease_until": now},
                               "$setOnInsert": {"sent": []}, "$inc": {"attempts": 1}},
-             upsert=True, return_document=ReturnDocument.AFTER)),
+             upsert=True)),
     ]
 
 
 def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
     storage = Path(tempfile.mkdtemp(prefix="docproc-query-scaling-"))
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(port),
-         "--storage-path", str(storage / "db"), "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = MongoServer(storage / "db")
+    server.start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
         options = "" if retry_writes else "?retryWrites=false"
-        client: MongoClient[dict[str, Any]] = MongoClient(f"mongodb://127.0.0.1:{port}/{options}")
+        client: MongoClient[dict[str, Any]] = MongoClient(f"{server.uri}{options}")
         db = client["query_scaling"]
         DocumentRepository(db).ensure_indexes()
         DeliveryRepository(db).ensure_indexes()
@@ -149,12 +131,7 @@ def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
                 print(f"  {ms:8.2f} ms  {name:42} plan: {_plan(col, flt)}", flush=True)
         client.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
         shutil.rmtree(storage, ignore_errors=True)
 
 
