@@ -83,10 +83,12 @@ def open_mongo(settings: Settings) -> MongoHandle:
         (settings.data_dir / EMBEDDED_URI_FILE).write_text(uri)
         log.info("embedded MongoDB wire server (SecantusDB) at %s, data in %s", uri, path)
     # Retryable writes cost SecantusDB more with every write (a session table it keeps);
-    # the embedded single-process server has no failover for them to survive anyway.
+    # the embedded single-process server has no failover for them to survive anyway. A
+    # configured URI keeps the say: pymongo lets keyword options override the URI's, so
+    # `retryWrites` is passed only for the embedded server.
+    options: dict[str, Any] = {} if settings.mongodb_uri else {"retryWrites": False}
     client: MongoClient[dict[str, Any]] = MongoClient(
-        uri, serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, tz_aware=True,
-        retryWrites=settings.mongodb_uri is not None,
+        uri, serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS, tz_aware=True, **options,
     )
     return MongoHandle(client=client, db=client[settings.mongodb_database], embedded=embedded,
                        uri_file=settings.data_dir / EMBEDDED_URI_FILE if embedded else None)
