@@ -70,9 +70,11 @@ class DeliveryRepository:
             if existing.get("state") == "completed":
                 return Delivery(key=key, completed=True)
             raise DeliveryInProgress(key) from None
-        # Claimed (matched or inserted): read what earlier attempts already sent. A separate
+        if result.upserted_id is not None:
+            return Delivery(key=key, completed=False)  # the first attempt: nothing sent yet
+        # Claimed again after an earlier attempt: read what that one already sent. A separate
         # read, as find_one_and_update costs SecantusDB time in proportion to the collection.
-        assert result.matched_count == 1 or result.upserted_id is not None
+        assert result.matched_count == 1
         raw = self.col.find_one({"_id": key}) or {}
         return Delivery(
             key=key,

@@ -93,7 +93,10 @@ class DuplicateIdempotencyKey(Exception):
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now, at the millisecond precision BSON keeps, so a record written with it reads back
+    equal to what was written."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class DocumentRepository:
@@ -162,24 +165,41 @@ class DocumentRepository:
         return Document.model_validate(raw) if raw else None
 
     def finish(
-        self, doc_id: str, status: Status, event: OutboxEvent | None = None, **fields: Any
+        self, doc: Document, status: Status, event: OutboxEvent | None = None, **fields: Any
     ) -> Document | None:
         """Move a `processing` document to its outcome, recording the event that announces it
-        in the same write; None when the document had already left `processing`."""
+        in the same write; the document as written, or None when it had already left
+        `processing`."""
         now = utcnow()
-        update: dict[str, Any] = {"$set": {"status": status.value, "updated_at": now, **fields}}
+        changes: dict[str, Any] = {"status": status.value, "updated_at": now, **fields}
         if event is not None:
-            update["$push"] = {"outbox": event.entry()}
-            update["$set"]["outbox_due"] = now + self.outbox_grace
-        # update_one + a read by _id, not find_one_and_update: on SecantusDB the latter
-        # costs time in proportion to the collection, whatever the filter.
-        result = self.col.update_one({"_id": doc_id, "status": Status.PROCESSING.value}, update)
-        return self.get(doc_id) if result.modified_count == 1 else None
+            # The outbox is replaced, not appended to: whatever it still holds is the upload's
+            # event, which this very outcome proves was delivered (its consumer is the one
+            # finishing), so publishing it again could only cause a redundant redelivery.
+            changes["outbox"] = [event.entry()]
+            changes["outbox_due"] = now + self.outbox_grace
+        # update_one, not find_one_and_update: on SecantusDB the latter costs time in
+        # proportion to the collection, whatever the filter. The record as written is the one
+        # read plus these changes (the filter guarantees nothing else moved it out of
+        # `processing`), so no read follows.
+        result = self.col.update_one({"_id": doc.id, "status": Status.PROCESSING.value},
+                                     {"$set": changes})
+        if result.modified_count != 1:
+            return None
+        return doc.model_copy(update={**changes, "status": status})
 
     def published(self, doc_id: str, event_id: str) -> None:
-        """The broker confirmed the event: take it out of the outbox. (One write on the hot
-        path: the relay clears ``outbox_due`` of a record it finds already empty.)"""
-        self.col.update_one({"_id": doc_id}, {"$pull": {"outbox": {"id": event_id}}})
+        """The broker confirmed the event: take it out of the outbox and, when that was the
+        last one, stop the relay from looking at the record, in one write. (Without the
+        second stage every document cost the relay a claim, a read and a write later.)"""
+        self.col.update_one({"_id": doc_id}, [
+            {"$set": {"outbox": {"$filter": {
+                "input": {"$ifNull": ["$outbox", []]},
+                "cond": {"$ne": ["$$this.id", {"$literal": event_id}]},
+            }}}},
+            {"$set": {"outbox_due": {"$cond": [
+                {"$eq": [{"$size": "$outbox"}, 0]}, "$$REMOVE", "$outbox_due"]}}},
+        ])
 
     def outbox_drained(self, doc: Document) -> None:
         """Nothing left to relay: stop looking at the record, unless a new event arrived

@@ -1,0 +1,91 @@
+"""The documents' transactional outbox, record by record, on the MongoDB wire server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pymongo
+import pytest
+
+from shared.documents import Document, DocumentRepository, OutboxEvent, Status, utcnow
+from tests.services import MongoServer, unique
+
+pytestmark = pytest.mark.services
+
+UPLOADED = OutboxEvent(id="evt-uploaded", payload='{"type": "uploaded"}')
+STORED = OutboxEvent(id="evt-stored", payload='{"type": "stored"}')
+
+
+@pytest.fixture
+def repo(mongo: MongoServer) -> Iterator[DocumentRepository]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo.uri + "?retryWrites=false", tz_aware=True)
+    name = unique("docproc_outbox_")
+    repository = DocumentRepository(client[name])
+    repository.ensure_indexes()
+    try:
+        yield repository
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+def _recorded(repo: DocumentRepository, event: OutboxEvent | None = UPLOADED) -> Document:
+    now = utcnow()
+    doc = Document(_id=unique("doc-"), owner="driver-1", filename="note.pdf",
+                   declared_type="application/pdf", size=3, sha256="0" * 64,
+                   created_at=now, updated_at=now, wrapped_key={"provider": "local"},
+                   upload_event_id=UPLOADED.id)
+    repo.insert(doc, event)
+    stored = repo.get(doc.id)
+    assert stored is not None
+    return stored
+
+
+def _raw(repo: DocumentRepository, doc_id: str) -> dict[str, Any]:
+    raw = repo.col.find_one({"_id": doc_id})
+    assert raw is not None
+    return raw
+
+
+def test_the_last_confirmed_event_leaves_the_relay_nothing_to_look_at(
+    repo: DocumentRepository,
+) -> None:
+    doc = _recorded(repo)
+    assert _raw(repo, doc.id)["outbox_due"] is not None
+    repo.published(doc.id, UPLOADED.id)
+    raw = _raw(repo, doc.id)
+    assert raw["outbox"] == []
+    # Without this the relay had to claim, read and rewrite every record once more.
+    assert "outbox_due" not in raw
+    assert repo.claim_outbox(timedelta(seconds=30)) is None
+
+
+def test_an_event_still_unconfirmed_keeps_the_record_due(repo: DocumentRepository) -> None:
+    doc = _recorded(repo)
+    repo.col.update_one({"_id": doc.id}, {"$push": {"outbox": STORED.entry()}})
+    repo.published(doc.id, UPLOADED.id)
+    raw = _raw(repo, doc.id)
+    assert raw["outbox"] == [STORED.entry()]
+    assert raw["outbox_due"] == doc.outbox_due
+    repo.published(doc.id, "evt-never-recorded")  # a duplicate confirm changes nothing
+    assert _raw(repo, doc.id)["outbox"] == [STORED.entry()]
+
+
+def test_finishing_replaces_the_upload_event_its_consumer_proves_delivered(
+    repo: DocumentRepository,
+) -> None:
+    doc = _recorded(repo)  # the upload's publish was never confirmed
+    finished = repo.finish(doc, Status.STORED, STORED, media_type="application/pdf",
+                           metadata={"pages": 1})
+    assert finished is not None
+    assert finished.outbox == [STORED.entry()]
+    # What finish returns is what the database holds, without a read to learn it.
+    assert finished == repo.get(doc.id)
+    assert finished.status is Status.STORED
+    assert finished.metadata == {"pages": 1}
+    # A second outcome for the same upload (a redelivery racing the first) is refused.
+    assert repo.finish(doc, Status.REJECTED, None, reason="late") is None
+    assert _raw(repo, doc.id)["status"] == "stored"
