@@ -26,6 +26,7 @@ from shared.http import json_response
 from shared.ids import new_document_id
 from shared.inspection import normalize_media_type
 from shared.observability import UPLOAD_BYTES, UPLOADS, log_context
+from shared.request_body import body_reader
 from shared.schemas import Accepted
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,11 @@ def _check_kind(kind: str | None) -> str | None:
 
 def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
     """Feed the body to ``consume`` piece by piece; a body cut short is the client's error."""
-    stream = request.stream
+    read = body_reader(request, READ_SIZE)
     received = 0
     while True:
         try:
-            chunk = stream.read(READ_SIZE)
+            chunk = read(READ_SIZE)
         except (ClientDisconnected, OSError) as exc:  # gunicorn's read errors are OSErrors
             raise _incomplete() from exc
         if not chunk:
