@@ -260,7 +260,15 @@ class FcmSender:
             service._fcm_topic_url = f"{project_path}/registrations"
         # Replace the default retry policy for FCM calls (see module docstring).  Mounting
         # on the exact prefix firebase-admin used replaces its adapter for Google's host.
-        service._client.session.mount(
+        session = service._client.session
+        # requests reads the proxy and CA-bundle environment again on every call, a sixth of
+        # a push's CPU time: read it once, here, for the FCM endpoint.
+        session.proxies.update(requests.utils.get_environ_proxies(self.endpoint))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            session.verify = bundle
+        session.trust_env = False
+        session.mount(
             self.endpoint,
             HTTPAdapter(
                 pool_connections=_POOL_SIZE,

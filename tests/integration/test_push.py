@@ -387,3 +387,71 @@ def test_outbox_concurrent_processes_write_whole_lines(tmp_path: Path) -> None:
             if line["token"] == f"p{worker}"
         ]
         assert seqs == list(range(20))
+
+
+class _ForwardProxy:
+    """A plain-HTTP forward proxy on loopback that records the URLs it relayed."""
+
+    def __init__(self) -> None:
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        relayed: list[str] = []
+
+        class Relay(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                target = urlsplit(self.path)  # a proxy receives the absolute URL
+                relayed.append(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                upstream = http.client.HTTPConnection(target.hostname or "", target.port,
+                                                      timeout=10)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("proxy-connection", "connection")}
+                upstream.request("POST", target.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                payload = answer.read()
+                upstream.close()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.relayed = relayed
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_pushes_go_through_the_proxy_the_environment_names(
+    stub: FcmStub, service_account: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sender reads the proxy environment once, when it is made (not on every push):
+    # a deployment behind an egress proxy must still reach FCM through it.
+    proxy = _ForwardProxy()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                     "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        with FcmSender(service_account, endpoint=stub.base_url) as fcm:
+            monkeypatch.delenv("HTTP_PROXY")
+            monkeypatch.delenv("http_proxy")
+            results = fcm.send([_msg("tok-proxied")])
+        assert [r.outcome for r in results] == ["sent"]
+        assert len(stub.messages_for("tok-proxied")) == 1
+        assert [u for u in proxy.relayed if u.endswith("/messages:send")] == [
+            f"{stub.base_url}/v1/projects/docproc-test/messages:send"]
+    finally:
+        proxy.close()
