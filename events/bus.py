@@ -50,13 +50,19 @@ class InProcessBus:
         self.concurrency = concurrency
         self.exclusive = exclusive
         self._subs: dict[str, Subscription] = {}
-        self._wake = threading.Condition()
+        # One wake-up per queued message, for the workers of the function it is for: waking
+        # every worker of every function on each publish cost each of them a query.
+        self._lock = threading.Lock()
+        self._ready: dict[str, threading.Condition] = {}
+        self._signals: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._busy = 0
 
     def subscribe(self, sub: Subscription) -> None:
         self._subs[sub.name] = sub
+        self._ready[sub.name] = threading.Condition(self._lock)
+        self._signals[sub.name] = 0
 
     def start(self) -> None:
         self.queue.create_index([("fn", ASCENDING), ("due_at", ASCENDING)], name="fn_due")
@@ -71,11 +77,12 @@ class InProcessBus:
                 self._threads.append(t)
 
     def stop(self) -> None:
-        with self._wake:
+        with self._lock:
             if self._stopping:
                 return
             self._stopping = True
-            self._wake.notify_all()
+            for ready in self._ready.values():
+                ready.notify_all()
         for t in self._threads:
             t.join(timeout=10)
 
@@ -100,8 +107,13 @@ class InProcessBus:
             ])
         except Exception as exc:  # the database is the broker here
             raise PublishError(f"could not queue event {event['id']}: {exc}") from exc
-        with self._wake:
-            self._wake.notify_all()
+        with self._lock:
+            for name in targets:
+                if name in self._ready:
+                    # Counted, so a worker between an empty look and its wait still sees it;
+                    # capped, so a burst does not make idle workers look again and again.
+                    self._signals[name] = min(self._signals[name] + 1, self.concurrency)
+                    self._ready[name].notify()
 
     def pending(self) -> int:
         return self.queue.count_documents({})
@@ -140,9 +152,12 @@ class InProcessBus:
                 log.warning("bus: cannot read the queue (%s); retrying", exc)
                 message = None
             if message is None:
-                with self._wake:
-                    if not self._stopping:
-                        self._wake.wait(POLL_SECONDS)
+                with self._lock:
+                    if not self._stopping and self._signals[name] == 0:
+                        self._ready[name].wait_for(
+                            lambda: self._stopping or self._signals[name] > 0, POLL_SECONDS)
+                    if self._signals[name] > 0:
+                        self._signals[name] -= 1
                 continue
             self._busy += 1
             try:

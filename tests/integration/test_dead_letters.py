@@ -221,3 +221,49 @@ def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_broker(
     assert letter.id == event["id"]
     assert "delivery_limit" in letter.reason
     assert DELIVERY_LIMIT <= crashes <= DELIVERY_LIMIT + 1
+
+
+def test_embedded_bus_wakes_one_worker_of_the_right_function_per_event(
+    mongo: MongoServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each event is handled once and at once, without polling, and looks at the queue about
+    twice (the worker that takes it, and its look for more), not once per idle worker."""
+    from pymongo import monitoring
+
+    class Finds(monitoring.CommandListener):
+        count = 0
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "find" and event.command.get("find") == "bus_messages":
+                Finds.count += 1
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    monkeypatch.setattr("events.bus.POLL_SECONDS", 60.0)  # a missed wake-up would show
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo.uri, event_listeners=[Finds()])
+    name = unique("bus_wake_")
+    bus = InProcessBus(RetryPolicy((0.05,)), client[name], concurrency=2)
+    handled: list[str] = []
+    bus.subscribe(Subscription("storage", lambda e: handled.append(str(e["id"]))))
+    bus.subscribe(Subscription("notification", lambda e: None))
+    bus.start()
+    try:
+        wait_for(lambda: Finds.count >= 4, what="the workers' first look")
+        before = Finds.count
+        events = [_event() for _ in range(30)]
+        for n, event in enumerate(events, 1):
+            bus.publish(event)
+            wait_for(lambda n=n: len(handled) >= n, timeout=10, what=f"event {n}")  # type: ignore[misc]
+        assert bus.wait_idle(10)
+    finally:
+        bus.stop()
+        client.drop_database(name)
+        client.close()
+    assert sorted(handled) == sorted(str(e["id"]) for e in events)
+    # 2 per event measured; 5 when every publish woke all four workers.
+    assert Finds.count - before <= 3 * len(events), Finds.count - before
