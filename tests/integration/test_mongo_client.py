@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,3 +37,29 @@ def test_the_embedded_server_is_written_without_retryable_writes(tmp_path: Path)
         assert handle.client.options.retry_writes is False
     finally:
         handle.close()
+
+
+def test_documents_get_the_indexes_the_secantusdb_planner_uses(mongo: MongoServer) -> None:
+    import pymongo
+
+    from shared.documents import BROWSE_INDEXES, WHOLE_FILTER_INDEXES, DocumentRepository
+
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo.uri)
+    db = client["docproc_index_profile"]
+    try:
+        # As an earlier version left them: every browse index (what MongoDB's planner uses).
+        for name, keys in BROWSE_INDEXES.items():
+            db["documents"].create_index(keys, name=name)
+        DocumentRepository(db).ensure_indexes()
+        names = set(db["documents"].index_information())
+        assert set(WHOLE_FILTER_INDEXES) <= names
+        assert not set(BROWSE_INDEXES) & names  # each one cost every write, and no read used it
+        assert {"_id_", "owner_idempotency_key", "owner_sha256_status", "outbox_due",
+                "status_updated"} <= names
+        # The conditional writes are point lookups, not collection scans.
+        plan = db.command("explain", {"find": "documents",
+                                      "filter": {"_id": "x", "status": "processing"}})
+        assert "COLLSCAN" not in str(plan["queryPlanner"]["winningPlan"])
+    finally:
+        client.drop_database("docproc_index_profile")
+        client.close()
