@@ -24,7 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     settings = load_settings(**overrides)
-    PipelineServer(settings, args.host, settings.port, threads=args.threads).run()
+    PipelineServer(settings, args.host, settings.port, threads=args.threads,
+                   http_only=args.http_only, processes=args.processes).run()
     return 0
 
 
@@ -288,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=None, help="default: $DOCPROC_PORT or 8080")
     serve.add_argument("--threads", type=int, default=8)
+    serve.add_argument("--http-only", action="store_true",
+                       help="serve the HTTP functions only; `docproc worker` processes consume "
+                            "the events (needs AMQP_URL and MONGODB_URI)")
+    serve.add_argument("--processes", type=int, default=1,
+                       help="gunicorn worker processes (more than 1 needs AMQP_URL and "
+                            "MONGODB_URI)")
     serve.set_defaults(func=_serve)
 
     from docproc.registry import EVENT_FUNCTIONS

@@ -1,8 +1,10 @@
 """``docproc serve``: the pipeline behind gunicorn, the server functions-framework uses too.
 
 One worker process with threads (as functions-framework runs): the embedded bus and
-SecantusDB live in that process, so there must be exactly one. The pipeline is built in the
-worker after the fork, and stopped when the worker exits.
+SecantusDB live in that process, so there must be exactly one. With RabbitMQ and a MongoDB
+server, ``http_only`` leaves the event functions to `docproc worker` processes (as deployed,
+where each function scales on its own) and ``processes`` may then be more than one. The
+pipeline is built in each worker after the fork, and stopped when the worker exits.
 """
 
 from __future__ import annotations
@@ -13,18 +15,27 @@ from typing import Any
 import gunicorn.app.base
 
 from docproc.pipeline import Pipeline
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
 
 class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, host: str, port: int, threads: int = 8) -> None:
+    def __init__(self, settings: Settings, host: str, port: int, threads: int = 8, *,
+                 http_only: bool = False, processes: int = 1) -> None:
+        if (http_only or processes > 1) and not (settings.amqp_url and settings.mongodb_uri):
+            raise ConfigError(
+                "AMQP_URL and MONGODB_URI: serving HTTP only, or from more than one process, "
+                "needs RabbitMQ to carry the events and a MongoDB server all processes share "
+                "(the embedded bus and database live in a single process)")
+        if processes < 1:
+            raise ConfigError(f"processes must be at least 1, not {processes}")
         self.settings = settings
+        self.consumers = not http_only
         self.pipeline: Pipeline | None = None
         self.options: dict[str, Any] = {
             "bind": f"{host}:{port}",
-            "workers": 1,
+            "workers": processes,
             "worker_class": "gthread",
             "threads": threads,
             # Large documents stream for as long as they take; no worker timeout kills them.
@@ -41,7 +52,7 @@ class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        self.pipeline = Pipeline(self.settings).start()
+        self.pipeline = Pipeline(self.settings, consumers=self.consumers).start()
         log.info("docproc serving on %s (events: %s, MongoDB: %s)", self.options["bind"],
                  "RabbitMQ" if self.settings.amqp_url else "in-process bus",
                  "server" if self.settings.mongodb_uri else "embedded SecantusDB")

@@ -126,3 +126,51 @@ def test_worker_refuses_to_start_without_a_broker(tmp_path: Path) -> None:
                                                         "DOCPROC_DATA_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert "AMQP_URL" in result.stderr
+
+
+def test_http_only_serve_leaves_the_events_to_worker_processes(
+    service_settings: Callable[..., Settings], fcm: FcmStub, tmp_path: Path,
+    http: requests.Session,
+) -> None:
+    """The deployed shape on one machine: two gunicorn processes answer HTTP and publish,
+    `docproc worker` processes consume; nothing is stored before a storage worker runs."""
+    from tests.processes import children
+    from tests.services import free_port
+
+    settings = service_settings()
+    env = settings_env(settings)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env["DOCPROC_PUBLIC_URL"] = base
+    serve = process([str(BIN / "docproc"), "serve", "--port", str(port), "--http-only",
+                     "--processes", "2"], env, ready_url=base + "/readyz",
+                    log=tmp_path / "serve.log")
+    with serve as server:
+        assert len(children(server.pid)) == 2
+        register_device(http, base, "phone-split")
+        body = samples.pdf(samples.marker())
+        resp = http.post(f"{base}/v1/documents", data=body, timeout=30,
+                         headers={**DRIVER, "Content-Type": "application/pdf"})
+        assert resp.status_code == 202, resp.text
+        doc_id = resp.json()["id"]
+        with pytest.raises(AssertionError):  # nobody in `serve` consumes document.uploaded
+            settled(http, base, doc_id, timeout=2)
+        storage = process([str(BIN / "docproc"), "worker", "storage", "--ops-port", "0"], env,
+                          log=tmp_path / "storage.log")
+        notification = process([str(BIN / "docproc"), "worker", "notification",
+                                "--ops-port", "0"], env, log=tmp_path / "notification.log")
+        with storage, notification:
+            assert settled(http, base, doc_id)["status"] == "stored"
+            [push] = wait_for(lambda: fcm.messages_for("phone-split"), what="the push")
+            assert push["data"]["document_id"] == doc_id
+
+
+def test_http_only_serve_needs_a_broker_and_a_database_server(tmp_path: Path) -> None:
+    import subprocess
+
+    for extra in (["--http-only"], ["--processes", "2"]):
+        result = subprocess.run([str(BIN / "docproc"), "serve", *extra], capture_output=True,
+                                text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                            "DOCPROC_DATA_DIR": str(tmp_path)})
+        assert result.returncode == 2, result.stderr
+        assert "AMQP_URL and MONGODB_URI" in result.stderr
