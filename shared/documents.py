@@ -127,7 +127,7 @@ class DocumentRepository:
         those queries by scanning whatever indexes exist (``explain``: COLLSCAN), re-reads
         every index definition on every write, and scans the collection for a conditional
         write whose filter has a field outside one index: it gets whole-filter indexes for the
-        conditional writes instead, and no browse indexes (13 → 8 indexes cut its CPU per
+        conditional writes instead, and no browse indexes (13 → 7 indexes cut its CPU per
         stored document by ~40%, bench/README.md). Indexes of the other kind are dropped, so
         an installation that moves between the two keeps only what it uses.
         """
