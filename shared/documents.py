@@ -185,8 +185,8 @@ class DocumentRepository:
         self, doc: Document, status: Status, event: OutboxEvent | None = None, **fields: Any
     ) -> Document | None:
         """Move a `processing` document to its outcome, recording the event that announces it
-        in the same write; the document as written, or None when it had already left
-        `processing`."""
+        in the same write; ``doc`` with these changes applied, or None when the document had
+        already left `processing`."""
         now = utcnow()
         changes: dict[str, Any] = {"status": status.value, "updated_at": now, **fields}
         if event is not None:
@@ -196,9 +196,9 @@ class DocumentRepository:
             changes["outbox"] = [event.entry()]
             changes["outbox_due"] = now + self.outbox_grace
         # update_one, not find_one_and_update: on SecantusDB the latter costs time in
-        # proportion to the collection, whatever the filter. The record as written is the one
-        # read plus these changes (the filter guarantees nothing else moved it out of
-        # `processing`), so no read follows.
+        # proportion to the collection, whatever the filter. No read follows: the outcome,
+        # its time and its event are what callers use, and those are exactly what this write
+        # set (an agent's concurrent edit of, say, the tags is not in the returned copy).
         result = self.col.update_one({"_id": doc.id, "status": Status.PROCESSING.value},
                                      {"$set": changes})
         if result.modified_count != 1:
