@@ -88,9 +88,11 @@ def service_settings(
         return settings
 
     yield make
+    # Every retry delay a test asked for has a queue of its own to remove.
+    delays = tuple(sorted({*FAST_RETRIES, *(d for s in made for d in s.retry_delays)}))
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
-        topology.delete(conn.channel(), prefix, FAST_RETRIES)
+        topology.delete(conn.channel(), prefix, delays)
     finally:
         conn.close()
     purge_redis(redis_url, redis_prefix)

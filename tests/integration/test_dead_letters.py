@@ -188,7 +188,7 @@ def crash(event):
     os._exit(3)  # as an out-of-memory kill would: no exception, no ack, no goodbye
 
 RabbitRunner(sys.argv[1], sys.argv[2], Subscription("storage", crash),
-             RetryPolicy((0.1,)), 1).run()
+             RetryPolicy(tuple(float(d) for d in sys.argv[3].split(","))), 1).run()
 """
 
 
@@ -213,7 +213,8 @@ def test_a_message_that_kills_every_worker_is_dead_lettered_by_the_broker(
     for _ in range(DELIVERY_LIMIT + 3):
         if store.list("storage"):
             break
-        run = subprocess.run([sys.executable, "-c", CRASHER, url, settings.amqp_prefix],
+        run = subprocess.run([sys.executable, "-c", CRASHER, url, settings.amqp_prefix,
+                              ",".join(str(d) for d in settings.retry_delays)],
                              timeout=60, capture_output=True, check=False)
         assert run.returncode == 3, run.stderr[-500:]
         crashes += 1
