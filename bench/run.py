@@ -923,6 +923,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 def print_report(result: dict[str, Any]) -> None:
     floor = result["floor"]
     print("\n== floor (bench/floor.py) ==")
+    floor_end = result.get("floor_end") or {}
+    for name in floor_end:
+        start, end = floor_best(floor, name, "docs_per_s"), floor_best(
+            floor_end, name, "docs_per_s")
+        if start and end:
+            print(f"{name} floor at the start {start:.1f} docs/s, at the end {end:.1f} "
+                  f"({(end / start - 1) * 100:+.0f}%: the machine's drift during the run; "
+                  f"ratios use the start)")
     print(f"{'size':8} {'mode':11} {'docs/s':>8} {'MiB/s':>8} {'p50 ms':>8} {'CPU s/doc':>10}")
     for name, entry in floor.items():
         for kind in ("sequential", "concurrent"):
@@ -1151,6 +1159,9 @@ def flatten(result: dict[str, Any]) -> dict[str, float]:
             if kind in entry:
                 out[f"floor/{name}/{kind}/docs_per_s"] = entry[kind]["docs_per_s"]
                 out[f"floor/{name}/{kind}/mib_per_s"] = entry[kind]["mib_per_s"]
+    for name, entry in result.get("floor_end", {}).items():
+        if "concurrent" in entry:
+            out[f"floor_end/{name}/concurrent/docs_per_s"] = entry["concurrent"]["docs_per_s"]
     for mode, mres in result.get("modes", {}).items():
         for name, wl in mres.get("workloads", {}).items():
             p = f"{mode}/{name}"
@@ -1302,6 +1313,11 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.serve_processes)
             else:
                 result["modes"][mode] = run_mode(h, mode, workloads, "", 0, 0, profile)
+        # The small documents' floor once more: the machine's speed drifts (other tenants of
+        # the host), and a ratio means little if the floor moved under the run.
+        with mongo_server(h, "floor-end") as (mongo_uri, mongo_pid):
+            small = [w for w in workloads if w.name == "small"]
+            result["floor_end"] = run_floor(h, small, mongo_uri, mongo_pid)
     finally:
         stop_process(fcm)
         result["problems"] = h.problems
