@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import time
@@ -72,7 +73,9 @@ class LinkSigner:
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def sign(self, doc_id: str, ttl: int, now: float | None = None) -> SignedLink:
-        expires = int((now if now is not None else time.time()) + ttl)
+        # Rounded up: a link lives at least the ``ttl`` asked for (truncating cut up to a
+        # second off, all of a one-second link).
+        expires = math.ceil((now if now is not None else time.time()) + ttl)
         path = FILES_PREFIX + doc_id
         sig = self._sign(self.active, "GET", path, expires)
         query = urlencode({"exp": expires, "kid": self.active.kid, "sig": sig})

@@ -53,6 +53,14 @@ def test_links_verify_and_refuse_forgery_and_expiry() -> None:
         other.verify("GET", path, query["exp"], query["sig"], now=1000)
 
 
+def test_a_link_lives_at_least_the_time_asked_for() -> None:
+    signer = LinkSigner([LinkKey(b"s" * 32)], "https://api.test/")
+    link = signer.sign("a" * 32, ttl=1, now=1000.9)
+    query = dict(p.split("=", 1) for p in link.url.split("?", 1)[1].split("&"))
+    signer.verify("GET", "/v1/files/" + "a" * 32, query["exp"], query["sig"], now=1001.8)
+    assert link.expires == 1002
+
+
 def test_link_keyring_is_generated_once_private_and_rotates_with_grace(
     tmp_path: os.PathLike[str],
 ) -> None:
