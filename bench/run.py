@@ -617,17 +617,16 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
                     "DOCPROC_REDIS_PREFIX": prefix + ":"})
     logs: list[Path] = []
     procs_started: list[subprocess.Popen[bytes]] = []
+    # With worker processes, serve answers HTTP only: the deployed shape, where every
+    # function is a service of its own.
+    split = mode == "services" and workers > 0
     result: dict[str, Any] = {"port": port, "workers": workers if mode == "services" else 0,
-                              "serve_processes": serve_processes if mode == "services" and
-                              workers else 1}
+                              "serve_processes": serve_processes if split else 1}
     print(f"mode {mode}: docproc serve on 127.0.0.1:{port}", flush=True)
     try:
         serve_log = h.work / f"serve-{mode}.log"
         logs.append(serve_log)
         out = serve_log.open("wb")
-        split = mode == "services" and workers > 0
-        # With worker processes, serve answers HTTP only: the deployed shape, where every
-        # function is a service of its own.
         serve_cmd = [str(BIN / "docproc"), "serve", "--port", str(port)] + (
             ["--http-only", "--processes", str(serve_processes)] if split else [])
         serve = subprocess.Popen(serve_cmd, env=env, cwd=ROOT, stdout=out,
@@ -638,7 +637,7 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
         tracked.app["serve"] = serve.pid
         for n, child in enumerate(procs.children(serve.pid)):
             tracked.app[f"serve-worker{n or ''}"] = child
-        if mode == "services" and workers:
+        if split:
             for fn in ("storage", "notification"):
                 for n in range(workers):
                     wlog = h.work / f"worker-{fn}-{n}.log"
