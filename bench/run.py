@@ -327,6 +327,7 @@ class Harness:
     step_seconds: float
     retry_writes: bool = False
     quick: bool = False
+    settings: dict[str, str] = field(default_factory=dict)  # --set: DOCPROC_* for docproc
     problems: list[str] = field(default_factory=list)
     next_index: int = 0
 
@@ -615,6 +616,7 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
         env.update({"AMQP_URL": AMQP_URL, "MONGODB_URI": mongo_uri, "MONGODB_DATABASE": database,
                     "REDIS_URL": REDIS_URL, "DOCPROC_AMQP_PREFIX": prefix,
                     "DOCPROC_REDIS_PREFIX": prefix + ":"})
+    env.update(h.settings)
     logs: list[Path] = []
     procs_started: list[subprocess.Popen[bytes]] = []
     # With worker processes, serve answers HTTP only: the deployed shape, where every
@@ -1261,17 +1263,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-seconds", type=float, default=None,
                         help="cap on one open-loop step's send duration (default 60, quick 20)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory")
+    parser.add_argument("--set", action="append", default=[], metavar="DOCPROC_NAME=VALUE",
+                        help="a setting for the docproc processes, e.g. to compare one value "
+                             "with another (repeatable; the result files get a -set suffix)")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("embedded", "services") for m in modes):
         parser.error("--modes takes embedded and/or services")
     workloads = plans(args.quick)
+    settings: dict[str, str] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("DOCPROC_"):
+            parser.error(f"--set takes DOCPROC_NAME=VALUE, not {item!r}")
+        settings[name] = value
     # latest.json is the default run; variants keep their own "latest" files.
     variant = [part for part, on in (
         ("quick", args.quick), ("-".join(modes), set(modes) != {"embedded", "services"}),
         (f"workers{args.workers}", args.workers != 1),
         (f"serve{args.serve_processes}", args.workers > 0 and args.serve_processes > 1),
-        ("retry-writes", args.retry_writes))
+        ("retry-writes", args.retry_writes), ("set", bool(settings)))
         if on]
     latest = "-".join(["latest", *variant])
     run_id = secrets.token_hex(3)
@@ -1287,6 +1298,7 @@ def main(argv: list[str] | None = None) -> int:
                             "floor": [w.floor_sequential, w.floor_concurrent]}
                    for w in workloads},
         "modes": {}, "problems": [], "retry_writes": args.retry_writes,
+        "settings": settings,
     }
     print(f"docproc bench {run_id}: work dir {work}; load average "
           f"{result['machine']['loadavg_at_start']}", flush=True)
@@ -1295,7 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
     h = Harness(run_id, work, fcm_dir, fcm.pid, Receipts(fcm_dir / "receipts.jsonl"),
                 deadline=t0 + args.max_minutes * 60,
                 step_seconds=args.step_seconds or (20.0 if args.quick else 60.0),
-                retry_writes=args.retry_writes, quick=args.quick)
+                retry_writes=args.retry_writes, quick=args.quick, settings=settings)
     try:
         with mongo_server(h, "floor") as (mongo_uri, mongo_pid):
             print("floor ...", flush=True)
