@@ -31,13 +31,20 @@ def outbox_event(event: CloudEvent) -> OutboxEvent:
 
 
 def publish_recorded(svc: Services, doc_id: str, event: CloudEvent) -> bool:
-    """Publish an event already in the document's outbox; False leaves it to the relay."""
+    """Publish an event already in the document's outbox; False leaves it to the relay.
+    The confirmed event leaves the outbox with the next batch of marks (shared/outbox_marks)."""
+    if not _publish(svc, doc_id, event):
+        return False
+    svc.marks.add(doc_id, str(event["id"]))
+    return True
+
+
+def _publish(svc: Services, doc_id: str, event: CloudEvent) -> bool:
     try:
         svc.publish(event)
     except (PublishError, NoTransport) as exc:
         log.warning("event %s for document %s stays in the outbox: %s", event["id"], doc_id, exc)
         return False
-    svc.documents.published(doc_id, str(event["id"]))
     return True
 
 
@@ -52,10 +59,13 @@ def relay_once(svc: Services, limit: int = 100, retry_after: timedelta = RELAY_L
             svc.documents.outbox_drained(doc)  # published by its request already
             continue
         for entry in doc.outbox:
-            if not publish_recorded(svc, doc.id, from_json(entry["event"])):
+            if not _publish(svc, doc.id, from_json(entry["event"])):
                 # The broker is away: look again soon, and leave the rest for then.
                 svc.documents.reschedule_outbox(doc.id, retry_after)
                 return sent
+            # Marked at once, not batched: the drain below stops the relay looking at the
+            # record, so a mark that failed later would leave the event unpublished for good.
+            svc.documents.published(doc.id, str(entry["id"]))
             sent += 1
         svc.documents.outbox_drained(doc)
     if sent:

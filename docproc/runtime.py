@@ -29,6 +29,7 @@ from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
 from shared.links import LinkKey, LinkSigner, configured_keys
 from shared.mongo import MongoHandle, open_mongo
 from shared.observability import HANDLED, setup_logging
+from shared.outbox_marks import PublishedMarks
 from shared.push import FcmSender, OutboxSender, PushSender
 from shared.users import UserRepository
 
@@ -52,6 +53,7 @@ class Services:
     cache: Cache
     links: LinkSigner
     push: PushSender
+    marks: PublishedMarks
     publisher: Publisher | None = None
     _closers: list[Any] = field(default_factory=list, repr=False)
 
@@ -68,7 +70,7 @@ class Services:
         self.publisher.publish(event)
 
     def close(self) -> None:
-        for closer in (self.publisher, self.push, self.cache):
+        for closer in (self.marks, self.publisher, self.push, self.cache):
             close = getattr(closer, "close", None)
             if close is not None:
                 try:
@@ -100,10 +102,11 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
                                       settings.retry_delays)
         elif settings.k_sink:
             publisher = HttpSinkPublisher(settings.k_sink)
+    documents = DocumentRepository(mongo.db, timedelta(seconds=settings.outbox_grace_seconds))
     svc = Services(
         settings=settings,
         mongo=mongo,
-        documents=DocumentRepository(mongo.db, timedelta(seconds=settings.outbox_grace_seconds)),
+        documents=documents,
         users=UserRepository(mongo.db, cache),
         deliveries=DeliveryRepository(mongo.db),
         audit=AuditLog(mongo.db),
@@ -112,6 +115,7 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         cache=cache,
         links=LinkSigner(link_keys(settings), settings.public_url),
         push=push,
+        marks=PublishedMarks(documents, settings.outbox_mark_linger_seconds),
         publisher=publisher,
     )
     for repo in (svc.documents, svc.users, svc.deliveries, svc.audit):

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     )
     outbox_grace_seconds: float = Field(default=10.0, ge=0,
                                         validation_alias="DOCPROC_OUTBOX_GRACE_SECONDS")
+    # How long a confirmed event's "published" mark may wait to be written together with
+    # others (0: at once). Far below the grace, so the relay never races a pending mark.
+    outbox_mark_linger_seconds: float = Field(
+        default=0.1, ge=0, le=1.0, validation_alias="DOCPROC_OUTBOX_MARK_LINGER_SECONDS"
+    )
     relay_interval_seconds: float = Field(default=2.0, gt=0,
                                           validation_alias="DOCPROC_RELAY_INTERVAL_SECONDS")
     worker_concurrency: int = Field(

@@ -206,13 +206,22 @@ class DocumentRepository:
         return doc.model_copy(update={**changes, "status": status})
 
     def published(self, doc_id: str, event_id: str) -> None:
-        """The broker confirmed the event: take it out of the outbox and, when that was the
-        last one, stop the relay from looking at the record, in one write. (Without the
-        second stage every document cost the relay a claim, a read and a write later.)"""
-        self.col.update_one({"_id": doc_id}, [
+        """The broker confirmed the event: take it out of the record's outbox."""
+        self.published_many([(doc_id, event_id)])
+
+    def published_many(self, marks: list[tuple[str, str]]) -> None:
+        """Take confirmed events, given as (document id, event id), out of their records'
+        outboxes and, where that was the last one, stop the relay from looking at the record,
+        in one write. (Without the second stage every document cost the relay a claim, a read
+        and a write later.) Event ids are unique, so one list serves every record."""
+        if not marks:
+            return
+        doc_ids = sorted({doc_id for doc_id, _ in marks})
+        event_ids = sorted({event_id for _, event_id in marks})
+        self.col.update_many({"_id": {"$in": doc_ids}}, [
             {"$set": {"outbox": {"$filter": {
                 "input": {"$ifNull": ["$outbox", []]},
-                "cond": {"$ne": ["$$this.id", {"$literal": event_id}]},
+                "cond": {"$not": [{"$in": ["$$this.id", {"$literal": event_ids}]}]},
             }}}},
             {"$set": {"outbox_due": {"$cond": [
                 {"$eq": [{"$size": "$outbox"}, 0]}, "$$REMOVE", "$outbox_due"]}}},
