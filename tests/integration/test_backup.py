@@ -105,7 +105,15 @@ def populate(run: Running, http: requests.Session) -> Contents:
     # Every outcome announced, so the pipeline is idle and the counts below are exact.
     wait_for(lambda: run.svc.deliveries.col.count_documents({"state": "completed"}) == 4,
              what="the four notifications")
+    outboxes_emptied(run)
     return out
+
+
+def outboxes_emptied(run: Running) -> None:
+    """Wait for every confirmed event's mark: they are written in batches, a little after the
+    outcome, and a record compared before and after must not change in between."""
+    wait_for(lambda: run.svc.documents.col.count_documents({"outbox_due": {"$exists": True}})
+             == 0, what="empty outboxes")
 
 
 def records(svc: Any) -> dict[str, list[dict[str, Any]]]:
@@ -382,6 +390,7 @@ def test_backup_to_s3_and_restore_from_it(
         big = samples.pdf(contents.mark, padding=9 * 1024 * 1024)
         big_id = upload(http, run.base_url, big, "application/pdf").json()["id"]
         assert settled(http, run.base_url, big_id, timeout=60)["status"] == "stored"
+        outboxes_emptied(run)
         contents.stored[big_id] = big
         wait_for(lambda: run.svc.deliveries.col.count_documents({"state": "completed"}) == 5,
                  what="the notifications")
