@@ -28,6 +28,7 @@ from typing import Any
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
+from bench import procs
 from shared.deliveries import DeliveryRepository
 from shared.documents import DocumentRepository
 from tests.services import MongoServer
@@ -83,6 +84,31 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
     ]
 
 
+def _marks(repo: DocumentRepository, server: MongoServer, now: datetime,
+           count: int = 200) -> None:
+    """Confirmed events' marks (``published_many``) one write each vs batched, with the
+    server's CPU per mark (shared/outbox_marks.py batches them)."""
+    assert server.proc is not None
+    for batch in (1, 10):
+        marks = []
+        for _ in range(count):
+            doc_id, event_id = secrets.token_hex(16), secrets.token_hex(16)
+            repo.col.insert_one({"_id": doc_id, "owner": "user1", "sha256": doc_id,
+                                 "status": "processing", "created_at": now, "updated_at": now,
+                                 "outbox": [{"id": event_id, "event": "x" * 600}],
+                                 "outbox_due": now})
+            marks.append((doc_id, event_id))
+        cpu = procs.cpu_times(server.proc.pid)
+        started = time.perf_counter()
+        for first in range(0, count, batch):
+            repo.published_many(marks[first:first + batch])
+        ms = (time.perf_counter() - started) / count * 1000
+        after = procs.cpu_times(server.proc.pid)
+        server_ms = (after.total - cpu.total) / count * 1000 if cpu and after else float("nan")
+        print(f"  {ms:8.2f} ms  outbox marks, {batch:2} a write, per mark"
+              f"{'':14} server CPU {server_ms:.2f} ms", flush=True)
+
+
 def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
     storage = Path(tempfile.mkdtemp(prefix="docproc-query-scaling-"))
     server = MongoServer(storage / "db")
@@ -129,6 +155,7 @@ def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
                     op()
                 ms = (time.perf_counter() - started) / repeat * 1000
                 print(f"  {ms:8.2f} ms  {name:42} plan: {_plan(col, flt)}", flush=True)
+            _marks(DocumentRepository(db), server, now)
         client.close()
     finally:
         server.stop()

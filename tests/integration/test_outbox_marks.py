@@ -4,17 +4,21 @@ leaves the event to the relay, on the MongoDB wire server."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pymongo
 import pytest
+import requests
 from pymongo import monitoring
 
+from shared.config import Settings
 from shared.documents import Document, DocumentRepository, OutboxEvent, Status, utcnow
 from shared.outbox_marks import PublishedMarks
-from tests.helpers import wait_for
+from tests import samples
+from tests.conftest import serving
+from tests.helpers import upload, wait_for
 from tests.services import MongoServer, unique
 
 pytestmark = pytest.mark.services
@@ -163,3 +167,24 @@ def test_a_mark_that_cannot_be_written_leaves_the_event_to_the_relay(
     claimed = repo.claim_outbox(timedelta(seconds=30))
     assert claimed is not None
     assert claimed.id == doc.id
+
+
+def test_stopping_the_pipeline_writes_its_pending_marks(
+    service_settings: Callable[..., Settings], http: requests.Session,
+) -> None:
+    with serving(service_settings, consumers=False, outbox_mark_linger_seconds=1.0,
+                 outbox_grace_seconds=60) as run:
+        resp = upload(http, run.base_url, samples.pdf(samples.marker()), "application/pdf")
+        assert resp.status_code == 202, resp.text
+        doc_id = resp.json()["id"]
+        record = run.svc.documents.get(doc_id)
+        assert [e["id"] for e in record.outbox] == [record.upload_event_id]  # still lingering
+        settings = run.svc.settings
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(settings.mongodb_uri)
+    try:
+        raw = client[settings.mongodb_database]["documents"].find_one({"_id": doc_id})
+    finally:
+        client.close()
+    assert raw is not None
+    assert raw["outbox"] == []
+    assert "outbox_due" not in raw
