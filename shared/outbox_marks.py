@@ -47,8 +47,9 @@ class PublishedMarks:
                 write_now = False
                 self._pending.append((doc_id, event_id))
                 if self._thread is None:
-                    # Started on first use, so a process forked after building its services
-                    # (gunicorn's workers) gets a writer thread of its own.
+                    # Started on first use: an idle process (or one that never publishes)
+                    # keeps no thread. Services are built in each gunicorn worker, after
+                    # the fork, so no process inherits another's writer.
                     self._thread = threading.Thread(target=self._run, name="outbox-marks",
                                                     daemon=True)
                     self._thread.start()
