@@ -54,8 +54,8 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -
         try:
             if requests.get(f"{base}/healthz", timeout=1).ok:
                 return
-        except requests.ConnectionError:
-            pass
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or still starting up on a busy machine
         time.sleep(0.2)
     raise RuntimeError("docproc serve did not become ready")
 

@@ -74,7 +74,9 @@ def _wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Pat
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # Not listening yet, or listening but still starting (a restart that recovers
+            # its database on a busy machine can take longer than one try): look again.
             time.sleep(0.1)
     raise RuntimeError(f"{proc.args!r} did not answer on {url}")
 

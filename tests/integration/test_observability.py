@@ -85,7 +85,7 @@ def _ready(http: requests.Session, base: str) -> bool:
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=2).status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
         return False
 
 
