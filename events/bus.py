@@ -2,10 +2,11 @@
 
 Messages live in the MongoDB database (the embedded SecantusDB, durable on disk), one per
 subscribed function, so an event accepted before a crash is still there after a restart.
-A worker leases a message, runs the handler and deletes it (the ack); a failed message waits
-out the same backoff delays as on RabbitMQ and after the last attempt moves to the dead
-letters with its reason. Workers in this process are woken at once on publish; otherwise
-they poll, which also picks up retries that have come due.
+A worker leases a message (in memory when this process alone uses the database, as the
+embedded default does; in the record otherwise), runs the handler and deletes it (the
+ack); a failed message waits out the same backoff delays as on RabbitMQ and after the last
+attempt moves to the dead letters with its reason. Workers in this process are woken at
+once on publish; otherwise they poll, which also picks up retries that have come due.
 """
 
 from __future__ import annotations
@@ -58,11 +59,20 @@ class InProcessBus:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._busy = 0
+        # Exclusive: the messages this process's workers hold, per function. No other process
+        # can take one, so the lease lives here instead of in a write to the queue per
+        # message. A function's look at the queue and the take are one step under its lock,
+        # and so is the release after the ack, so a look that raced an ack cannot hand out
+        # the message that was just deleted.
+        self._taken: dict[str, set[str]] = {}
+        self._claiming: dict[str, threading.Lock] = {}
 
     def subscribe(self, sub: Subscription) -> None:
         self._subs[sub.name] = sub
         self._ready[sub.name] = threading.Condition(self._lock)
         self._signals[sub.name] = 0
+        self._taken[sub.name] = set()
+        self._claiming[sub.name] = threading.Lock()
 
     def start(self) -> None:
         self.queue.create_index([("fn", ASCENDING), ("due_at", ASCENDING)], name="fn_due")
@@ -128,6 +138,8 @@ class InProcessBus:
         return False
 
     def _claim(self, name: str) -> dict[str, Any] | None:
+        if self.exclusive:
+            return self._claim_here(name)
         now = _now()
         candidates = self.queue.find({"fn": name, "due_at": {"$lte": now}}).sort(
             "due_at", ASCENDING).limit(self.concurrency * 2)
@@ -141,6 +153,16 @@ class InProcessBus:
                                           {"$set": {"lease_until": now + LEASE}})
             if taken.modified_count == 1:
                 return message
+        return None
+
+    def _claim_here(self, name: str) -> dict[str, Any] | None:
+        taken = self._taken[name]
+        with self._claiming[name]:
+            for message in self.queue.find({"fn": name, "due_at": {"$lte": _now()}}).sort(
+                    "due_at", ASCENDING).limit(self.concurrency * 2):
+                if message["_id"] not in taken:
+                    taken.add(message["_id"])
+                    return message
         return None
 
     def _worker(self, name: str) -> None:
@@ -164,6 +186,9 @@ class InProcessBus:
                 self._run(sub, message)
             finally:
                 self._busy -= 1
+                if self.exclusive:
+                    with self._claiming[name]:
+                        self._taken[name].discard(message["_id"])
 
     def _run(self, sub: Subscription, message: dict[str, Any]) -> None:
         try:

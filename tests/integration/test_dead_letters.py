@@ -268,3 +268,52 @@ def test_embedded_bus_wakes_one_worker_of_the_right_function_per_event(
     assert sorted(handled) == sorted(str(e["id"]) for e in events)
     # 2 per event measured; 5 when every publish woke all four workers.
     assert Finds.count - before <= 4 * len(events), Finds.count - before
+
+
+def test_an_exclusive_bus_leases_in_memory_and_hands_each_event_out_once(
+    mongo: MongoServer,
+) -> None:
+    """The embedded bus alone uses its database: a message is taken without a write to the
+    queue, and four workers racing over one function still handle every event once."""
+    import time
+    from collections import Counter
+
+    from pymongo import monitoring
+
+    class QueueWrites(monitoring.CommandListener):
+        updates = 0
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "update" and event.command.get("update") == "bus_messages":
+                QueueWrites.updates += 1
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo.uri, event_listeners=[QueueWrites()])
+    name = unique("bus_exclusive_")
+    bus = InProcessBus(RetryPolicy((0.05,)), client[name], concurrency=4, exclusive=True)
+    handled: Counter[str] = Counter()
+
+    def slow(event: CloudEvent) -> None:
+        time.sleep(0.002)  # long enough for the other workers to look at the queue meanwhile
+        handled[str(event["id"])] += 1
+
+    bus.subscribe(Subscription("storage", slow))
+    events = [_event() for _ in range(60)]
+    for event in events:
+        bus.publish(event)
+    bus.start()
+    try:
+        assert bus.wait_idle(20)
+    finally:
+        bus.stop()
+        client.drop_database(name)
+        client.close()
+    assert handled == Counter({str(e["id"]): 1 for e in events})
+    # One write in all: the start's release of what a killed predecessor held (was one a message).
+    assert QueueWrites.updates == 1
