@@ -184,6 +184,13 @@ class InProcessBus:
             self._busy += 1
             try:
                 self._run(sub, message)
+            except Exception as exc:
+                # Not the handler (_run settles its failures) but the queue: the ack or the
+                # retry could not be written. The message stays and is taken again; the
+                # worker lives on instead of leaving the function one worker short for good.
+                log.warning("bus: could not settle a %s message (%s); it stays queued", name,
+                            exc)
+                time.sleep(POLL_SECONDS)
             finally:
                 self._busy -= 1
                 if self.exclusive:

@@ -317,3 +317,32 @@ def test_an_exclusive_bus_leases_in_memory_and_hands_each_event_out_once(
     assert handled == Counter({str(e["id"]): 1 for e in events})
     # One write in all: the start's release of what a killed predecessor held (was one a message).
     assert QueueWrites.updates == 1
+
+
+def test_a_bus_worker_outlives_a_failed_ack(bus_db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue refusing one ack leaves the message queued for another go, and the worker
+    (the function's only one) goes on to handle what comes next."""
+    monkeypatch.setattr("events.bus.POLL_SECONDS", 0.05)
+    bus = InProcessBus(RetryPolicy((0.05,)), bus_db, concurrency=1, exclusive=True)
+    handled: list[str] = []
+    bus.subscribe(Subscription("storage", lambda e: handled.append(str(e["id"]))))
+    real_delete = bus.queue.delete_one
+    refusals = [RuntimeError("write refused")]
+
+    def delete_one(*args: Any, **kwargs: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(bus.queue, "delete_one", delete_one)
+    first, second = _event(), _event()
+    bus.start()
+    try:
+        bus.publish(first)
+        wait_for(lambda: not refusals, timeout=10, what="the refused ack")
+        bus.publish(second)
+        assert bus.wait_idle(10)
+    finally:
+        bus.stop()
+    # The first event was handled again after its ack failed (handlers are idempotent).
+    assert handled == [str(first["id"]), str(first["id"]), str(second["id"])]
