@@ -2,9 +2,9 @@
 
 Once the broker confirmed an event, the record only has to learn it so the outbox relay does
 not send it again after the grace period. That write is off every latency path and, on the
-SecantusDB server, one write command costs about as much as ten records changed in one
-(bench/README.md, Findings), so marks wait up to ``linger`` seconds and go out together as one
-``update_many``.
+SecantusDB server, a write command of its own costs about twice what one record's change
+inside a batched one does (bench/README.md, Findings 13), so marks wait up to ``linger``
+seconds and go out together as one ``update_many``.
 
 Nothing is lost by waiting: until a mark is written the event stays in the outbox with its
 due time set, so if the write fails or the process dies first, the relay publishes the event

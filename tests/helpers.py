@@ -7,8 +7,30 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import requests
+from pymongo import monitoring
 
 T = TypeVar("T")
+
+
+class Commands(monitoring.CommandListener):
+    """Counts the commands of one kind (``update``, ``find``...) a MongoDB client sends,
+    to one collection or to any."""
+
+    def __init__(self, name: str, collection: str | None = None) -> None:
+        self.name = name
+        self.collection = collection
+        self.count = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == self.name and (
+                self.collection is None or event.command.get(self.name) == self.collection):
+            self.count += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
 
 
 def kong(user: str, group: str = "drivers") -> dict[str, str]:

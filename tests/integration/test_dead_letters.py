@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +25,7 @@ from shared.config import Settings
 from shared.documents import Document, Status, utcnow
 from shared.ids import new_document_id
 from tests.conftest import Running
-from tests.helpers import wait_for
+from tests.helpers import Commands, wait_for
 from tests.services import MongoServer, unique
 
 pytestmark = pytest.mark.services
@@ -229,24 +231,10 @@ def test_embedded_bus_wakes_one_worker_of_the_right_function_per_event(
 ) -> None:
     """Each event is handled once and at once, without polling, and looks at the queue about
     twice (the worker that takes it, and its look for more), not once per idle worker."""
-    from pymongo import monitoring
-
-    class Finds(monitoring.CommandListener):
-        count = 0
-
-        def started(self, event: monitoring.CommandStartedEvent) -> None:
-            if event.command_name == "find" and event.command.get("find") == "bus_messages":
-                Finds.count += 1
-
-        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-            pass
-
-        def failed(self, event: monitoring.CommandFailedEvent) -> None:
-            pass
-
+    finds = Commands("find", "bus_messages")
     monkeypatch.setattr("events.bus.POLL_SECONDS", 60.0)  # a missed wake-up would show
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo.uri, event_listeners=[Finds()])
+        mongo.uri, event_listeners=[finds])
     name = unique("bus_wake_")
     bus = InProcessBus(RetryPolicy((0.05,)), client[name], concurrency=2)
     handled: list[str] = []
@@ -254,8 +242,8 @@ def test_embedded_bus_wakes_one_worker_of_the_right_function_per_event(
     bus.subscribe(Subscription("notification", lambda e: None))
     bus.start()
     try:
-        wait_for(lambda: Finds.count >= 4, what="the workers' first look")
-        before = Finds.count
+        wait_for(lambda: finds.count >= 4, what="the workers' first look")
+        before = finds.count
         events = [_event() for _ in range(30)]
         for n, event in enumerate(events, 1):
             bus.publish(event)
@@ -267,7 +255,7 @@ def test_embedded_bus_wakes_one_worker_of_the_right_function_per_event(
         client.close()
     assert sorted(handled) == sorted(str(e["id"]) for e in events)
     # 2 per event measured; 5 when every publish woke all four workers.
-    assert Finds.count - before <= 4 * len(events), Finds.count - before
+    assert finds.count - before <= 4 * len(events), finds.count - before
 
 
 def test_an_exclusive_bus_leases_in_memory_and_hands_each_event_out_once(
@@ -275,26 +263,9 @@ def test_an_exclusive_bus_leases_in_memory_and_hands_each_event_out_once(
 ) -> None:
     """The embedded bus alone uses its database: a message is taken without a write to the
     queue, and four workers racing over one function still handle every event once."""
-    import time
-    from collections import Counter
-
-    from pymongo import monitoring
-
-    class QueueWrites(monitoring.CommandListener):
-        updates = 0
-
-        def started(self, event: monitoring.CommandStartedEvent) -> None:
-            if event.command_name == "update" and event.command.get("update") == "bus_messages":
-                QueueWrites.updates += 1
-
-        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-            pass
-
-        def failed(self, event: monitoring.CommandFailedEvent) -> None:
-            pass
-
+    queue_writes = Commands("update", "bus_messages")
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo.uri, event_listeners=[QueueWrites()])
+        mongo.uri, event_listeners=[queue_writes])
     name = unique("bus_exclusive_")
     bus = InProcessBus(RetryPolicy((0.05,)), client[name], concurrency=4, exclusive=True)
     handled: Counter[str] = Counter()
@@ -316,7 +287,7 @@ def test_an_exclusive_bus_leases_in_memory_and_hands_each_event_out_once(
         client.close()
     assert handled == Counter({str(e["id"]): 1 for e in events})
     # One write in all: the start's release of what a killed predecessor held (was one a message).
-    assert QueueWrites.updates == 1
+    assert queue_writes.count == 1
 
 
 def test_a_bus_worker_outlives_a_failed_ack(bus_db: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,43 +11,25 @@ from typing import Any
 import pymongo
 import pytest
 import requests
-from pymongo import monitoring
 
 from shared.config import Settings
 from shared.documents import Document, DocumentRepository, OutboxEvent, Status, utcnow
 from shared.outbox_marks import PublishedMarks
 from tests import samples
 from tests.conftest import serving
-from tests.helpers import upload, wait_for
+from tests.helpers import Commands, upload, wait_for
 from tests.services import MongoServer, unique
 
 pytestmark = pytest.mark.services
 
 
-class Updates(monitoring.CommandListener):
-    """Counts the update commands a client sends."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "update":
-            self.count += 1
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
+@pytest.fixture
+def updates() -> Commands:
+    return Commands("update")
 
 
 @pytest.fixture
-def updates() -> Updates:
-    return Updates()
-
-
-@pytest.fixture
-def repo(mongo: MongoServer, updates: Updates) -> Iterator[DocumentRepository]:
+def repo(mongo: MongoServer, updates: Commands) -> Iterator[DocumentRepository]:
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         mongo.uri + "?retryWrites=false", tz_aware=True, event_listeners=[updates])
     name = unique("docproc_marks_")
@@ -83,7 +65,7 @@ def _cleared(repo: DocumentRepository, doc_id: str) -> bool:
 
 
 def test_marks_of_many_documents_are_one_write(repo: DocumentRepository,
-                                               updates: Updates) -> None:
+                                               updates: Commands) -> None:
     recorded = [_recorded(repo) for _ in range(20)]
     marks = PublishedMarks(repo, linger=30.0)
     try:
