@@ -80,3 +80,23 @@ def test_other_servers_go_through_the_bounded_wsgi_stream() -> None:
     read = body_reader(_request(io.BytesIO(b"abcdef" + b"not the body"), 6), PIECE)
     assert read(PIECE) == b"abcdef"
     assert read(PIECE) == b""
+
+
+def test_what_gunicorn_read_with_the_headers_comes_first(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+    body = b"early-" * 1000 + bytes(range(256)) * 2048  # 6,000 read with the headers
+    sender = _send_then_close(client, body[6000:] + b"NEXT", close=False)
+    unreader = SocketUnreader(server)
+    unreader.unread(body[:6000])
+    reader = LengthReader(unreader, len(body))
+    read = body_reader(_request(Body(reader), len(body)), 4096)  # smaller than what waits
+    got = b""
+    while piece := read(4096):
+        assert len(piece) <= 4096
+        got += piece
+    sender.join()
+    assert got == body
+    assert reader.length == 0  # gunicorn knows the body was read to the end
+    assert unreader.read(4) == b"NEXT"
