@@ -17,10 +17,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pika
+import pymongo
 import pytest
 import redis
+from pymongo import monitoring
+
+from shared.documents import DocumentRepository
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 AMQP_URL = os.environ.get("DOCPROC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -114,6 +119,23 @@ def mongo_server(storage: Path) -> Iterator[MongoServer]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(4)}"
+
+
+@contextmanager
+def documents_repository(server: MongoServer, prefix: str,
+                         listeners: tuple[monitoring.CommandListener, ...] = ()
+                         ) -> Iterator[DocumentRepository]:
+    """A DocumentRepository with its indexes in a database of its own, dropped afterwards."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        server.uri + "?retryWrites=false", tz_aware=True, event_listeners=list(listeners))
+    name = unique(prefix)
+    repository = DocumentRepository(client[name])
+    repository.ensure_indexes()
+    try:
+        yield repository
+    finally:
+        client.drop_database(name)
+        client.close()
 
 
 def purge_redis(url: str, prefix: str) -> None:

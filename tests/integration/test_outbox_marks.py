@@ -18,7 +18,7 @@ from shared.outbox_marks import PublishedMarks
 from tests import samples
 from tests.conftest import serving
 from tests.helpers import Commands, upload, wait_for
-from tests.services import MongoServer, unique
+from tests.services import MongoServer, documents_repository, unique
 
 pytestmark = pytest.mark.services
 
@@ -30,16 +30,8 @@ def updates() -> Commands:
 
 @pytest.fixture
 def repo(mongo: MongoServer, updates: Commands) -> Iterator[DocumentRepository]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo.uri + "?retryWrites=false", tz_aware=True, event_listeners=[updates])
-    name = unique("docproc_marks_")
-    repository = DocumentRepository(client[name])
-    repository.ensure_indexes()
-    try:
+    with documents_repository(mongo, "docproc_marks_", (updates,)) as repository:
         yield repository
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 def _recorded(repo: DocumentRepository) -> tuple[Document, OutboxEvent]:

@@ -6,11 +6,10 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
-import pymongo
 import pytest
 
 from shared.documents import Document, DocumentRepository, OutboxEvent, Status, utcnow
-from tests.services import MongoServer, unique
+from tests.services import MongoServer, documents_repository, unique
 
 pytestmark = pytest.mark.services
 
@@ -20,16 +19,8 @@ STORED = OutboxEvent(id="evt-stored", payload='{"type": "stored"}')
 
 @pytest.fixture
 def repo(mongo: MongoServer) -> Iterator[DocumentRepository]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo.uri + "?retryWrites=false", tz_aware=True)
-    name = unique("docproc_outbox_")
-    repository = DocumentRepository(client[name])
-    repository.ensure_indexes()
-    try:
+    with documents_repository(mongo, "docproc_outbox_") as repository:
         yield repository
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 def _recorded(repo: DocumentRepository, event: OutboxEvent | None = UPLOADED) -> Document:
