@@ -748,6 +748,11 @@ def run_profile(h: Harness, client: Client, tracked: Tracked, mode_result: dict[
     duration = int(count / rate + 4)
     outputs = {"active": h.work / "profile-active.txt", "gil": h.work / "profile-gil.txt"}
     targets_ = {"active": worker, "gil": worker}
+    for role, pid in tracked.app.items():
+        if role.startswith("worker-"):
+            # The event functions' own processes (services mode with --workers).
+            outputs[f"{role}-gil"] = h.work / f"profile-{role}-gil.txt"
+            targets_[f"{role}-gil"] = pid
     if tracked.infra.get("secantusd"):
         # The MongoDB wire server is a Python process too: where its CPU goes.
         outputs["secantusd-gil"] = h.work / "profile-secantusd-gil.txt"
@@ -1015,8 +1020,11 @@ def print_report(result: dict[str, Any]) -> None:
                   f"{prof['worker_cpu_utilisation']:.0%} of one core):")
             print("   CPU use during the pass (cores): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in prof["cpu_utilisation"].items() if v >= 0.005))
-            for kind, title in (("gil", "holding the GIL"), ("active", "all non-idle threads"),
-                                ("secantusd-gil", "the SecantusDB server, holding the GIL")):
+            titles = {"gil": "holding the GIL", "active": "all non-idle threads"}
+            titles.update({kind: f"{kind.removesuffix('-gil')}, holding the GIL"
+                           for kind in prof if kind.startswith("worker-")})
+            titles["secantusd-gil"] = "the SecantusDB server, holding the GIL"
+            for kind, title in titles.items():
                 if kind not in prof:
                     continue
                 p = prof.get(kind, {})
