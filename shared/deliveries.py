@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
@@ -39,10 +38,10 @@ class DeliveryRepository:
 
     def ensure_indexes(self) -> None:
         self.col.create_index("document_id", name="document")
-        # The claim's filter, whole: SecantusDB scans the collection for a filter with any
-        # field outside one index, which made every claim slower as deliveries piled up.
-        self.col.create_index([("_id", ASCENDING), ("lease_until", ASCENDING)],
-                              name="id_lease")
+        # An earlier version indexed the claim's filter whole ({_id, lease_until}); both
+        # servers look the `_id` up without it, so it only cost every write.
+        if "id_lease" in self.col.index_information():
+            self.col.drop_index("id_lease")
 
     def claim(self, key: str, document_id: str, owner: str, lease: float) -> Delivery:
         now = utcnow()

@@ -31,7 +31,6 @@ from docproc.backup import (
 from events import topology
 from shared.blobstore import Area
 from shared.config import Settings
-from shared.documents import WHOLE_FILTER_INDEXES
 from tests import samples
 from tests.conftest import FAST_RETRIES, Running, serving
 from tests.helpers import AGENT, DRIVER, register_device, settled, upload, wait_for
@@ -216,7 +215,7 @@ def test_backup_verify_list_and_restore_into_a_fresh_installation(
         # DocumentRepository.ensure_indexes).
         assert set(fresh.svc.documents.col.index_information()) == {
             "_id_", "owner_idempotency_key", "status_updated", "outbox_due",
-            "owner_sha256_status", *WHOLE_FILTER_INDEXES}
+            "owner_sha256_status"}
         for doc_id in contents.stored:
             restored_file = fresh.svc.blobs.path(Area.OBJECTS, doc_id).read_bytes()
             entry = next(f for f in manifest.objects if f.path.endswith(doc_id))

@@ -42,24 +42,32 @@ def test_the_embedded_server_is_written_without_retryable_writes(tmp_path: Path)
 def test_documents_get_the_indexes_the_secantusdb_planner_uses(mongo: MongoServer) -> None:
     import pymongo
 
-    from shared.documents import BROWSE_INDEXES, WHOLE_FILTER_INDEXES, DocumentRepository
+    from shared.deliveries import DeliveryRepository
+    from shared.documents import BROWSE_INDEXES, RETIRED_INDEXES, DocumentRepository
 
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo.uri)
     db = client["docproc_index_profile"]
     try:
-        # As an earlier version left them: every browse index (what MongoDB's planner uses).
+        # As earlier versions left them: every browse index (what MongoDB's planner uses) and
+        # the whole-filter indexes for the conditional writes.
         for name, keys in BROWSE_INDEXES.items():
             db["documents"].create_index(keys, name=name)
+        db["documents"].create_index([("_id", 1), ("status", 1)], name="id_status")
+        db["documents"].create_index([("_id", 1), ("outbox_due", 1)], name="id_outbox_due")
+        db["deliveries"].create_index([("_id", 1), ("lease_until", 1)], name="id_lease")
         DocumentRepository(db).ensure_indexes()
-        names = set(db["documents"].index_information())
-        assert set(WHOLE_FILTER_INDEXES) <= names
-        assert not set(BROWSE_INDEXES) & names  # each one cost every write, and no read used it
-        assert {"_id_", "owner_idempotency_key", "owner_sha256_status", "outbox_due",
-                "status_updated"} <= names
-        # The conditional writes are point lookups, not collection scans.
-        plan = db.command("explain", {"find": "documents",
-                                      "filter": {"_id": "x", "status": "processing"}})
-        assert "COLLSCAN" not in str(plan["queryPlanner"]["winningPlan"])
+        DeliveryRepository(db).ensure_indexes()
+        # Each index costs every write there, and no read or write of the pipeline uses these.
+        assert set(db["documents"].index_information()) == {
+            "_id_", "owner_idempotency_key", "owner_sha256_status", "outbox_due",
+            "status_updated"}
+        assert not set(BROWSE_INDEXES) & set(RETIRED_INDEXES)
+        assert set(db["deliveries"].index_information()) == {"_id_", "document"}
+        # The reads the pipeline makes per document ride an index, not a collection scan.
+        for flt in ({"owner": "u", "sha256": "0" * 64, "status": {"$in": ["stored"]}},
+                    {"outbox_due": {"$lte": 1}}, {"_id": "x"}):
+            plan = db.command("explain", {"find": "documents", "filter": flt})
+            assert "COLLSCAN" not in str(plan["queryPlanner"]["winningPlan"]), flt
     finally:
         client.drop_database("docproc_index_profile")
         client.close()
