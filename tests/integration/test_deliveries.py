@@ -1,0 +1,137 @@
+"""The delivery record that keeps a push from going out twice, on the MongoDB wire server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pymongo
+import pytest
+
+from shared.deliveries import COMPLETED, RELEASED, DeliveryInProgress, DeliveryRepository
+from tests.helpers import Commands
+from tests.services import MongoServer, unique
+
+pytestmark = pytest.mark.services
+
+LEASE = 60.0
+
+
+class _Listeners:
+    def __init__(self) -> None:
+        self.inserts = Commands("insert", "deliveries")
+        self.updates = Commands("update", "deliveries")
+
+
+@pytest.fixture
+def commands() -> _Listeners:
+    return _Listeners()
+
+
+@pytest.fixture
+def repo(mongo: MongoServer, commands: _Listeners) -> Iterator[DeliveryRepository]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo.uri + "?retryWrites=false", tz_aware=True,
+        event_listeners=[commands.inserts, commands.updates])
+    name = unique("docproc_deliveries_")
+    repository = DeliveryRepository(client[name])
+    repository.ensure_indexes()
+    try:
+        yield repository
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+def test_a_first_claim_is_one_insert_and_leases_the_record(
+    repo: DeliveryRepository, commands: _Listeners,
+) -> None:
+    key = unique("doc-") + ".stored"
+    delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert not delivery.completed
+    assert delivery.sent_tokens == set()
+    assert (commands.inserts.count, commands.updates.count) == (1, 0)
+    record = repo.get(key)
+    assert record is not None
+    assert record["state"] == "in_progress"
+    assert record["attempts"] == 1
+    assert (record["document_id"], record["owner"], record["sent"]) == ("doc-1", "driver-1", [])
+    assert record["lease_until"] > record["created_at"]
+
+
+def test_a_leased_delivery_cannot_be_claimed_again(repo: DeliveryRepository) -> None:
+    key = unique("doc-") + ".stored"
+    repo.claim(key, "doc-1", "driver-1", LEASE)
+    with pytest.raises(DeliveryInProgress):
+        repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert repo.get(key)["attempts"] == 1  # type: ignore[index]
+
+
+def test_a_completed_delivery_is_reported_and_left_alone(repo: DeliveryRepository) -> None:
+    key = unique("doc-") + ".stored"
+    repo.claim(key, "doc-1", "driver-1", LEASE)
+    repo.complete(key, {"devices": 1, "sent": 1}, [("token-a", "msg-1")])
+    before = repo.get(key)
+    delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert delivery.completed
+    after = repo.get(key)
+    assert after == before
+    assert after is not None
+    assert after["lease_until"] == COMPLETED
+
+
+def test_a_released_delivery_is_claimed_again_with_what_was_sent(
+    repo: DeliveryRepository,
+) -> None:
+    key = unique("doc-") + ".stored"
+    repo.claim(key, "doc-1", "driver-1", LEASE)
+    repo.mark_sent(key, [("token-a", "msg-1")])
+    repo.release(key, "FCM asked to come back later")
+    assert repo.get(key)["lease_until"] == RELEASED  # type: ignore[index]
+    delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert not delivery.completed
+    assert delivery.sent_tokens == {"token-a"}
+    record = repo.get(key)
+    assert record is not None
+    assert record["attempts"] == 2
+    assert record["state"] == "in_progress"
+    assert record["lease_until"] > record["updated_at"]
+
+
+def test_a_lapsed_lease_is_taken_over(repo: DeliveryRepository) -> None:
+    key = unique("doc-") + ".stored"
+    repo.claim(key, "doc-1", "driver-1", lease=-1.0)  # a worker that died holding it
+    delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert not delivery.completed
+    assert repo.get(key)["attempts"] == 2  # type: ignore[index]
+
+
+def test_of_concurrent_claims_exactly_one_wins(repo: DeliveryRepository) -> None:
+    keys = [unique("doc-") + ".stored" for _ in range(20)]
+    wins: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def claimer() -> None:
+        start.wait()
+        for key in keys:
+            try:
+                delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
+            except DeliveryInProgress:
+                with lock:
+                    refused.append(key)
+                continue
+            assert not delivery.completed
+            with lock:
+                wins.append(key)
+
+    threads = [threading.Thread(target=claimer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == sorted(keys)  # each key won once...
+    assert len(refused) == 3 * len(keys)  # ...and refused to the three others
+    assert all(repo.get(key)["attempts"] == 1 for key in keys)  # type: ignore[index]
