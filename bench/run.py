@@ -1270,6 +1270,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time budget; later steps are skipped past it (default 40)")
     parser.add_argument("--step-seconds", type=float, default=None,
                         help="cap on one open-loop step's send duration (default 60, quick 20)")
+    parser.add_argument("--workloads", default="small,medium,large",
+                        help="comma-separated: small, medium, large (default all; the profile "
+                             "pass needs small)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory")
     parser.add_argument("--set", action="append", default=[], metavar="DOCPROC_NAME=VALUE",
                         help="a setting for the docproc processes, e.g. to compare one value "
@@ -1278,7 +1281,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in ("embedded", "services") for m in modes):
         parser.error("--modes takes embedded and/or services")
-    workloads = plans(args.quick)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    workloads = [w for w in plans(args.quick) if w.name in chosen]
+    if not workloads or len(workloads) != len(set(chosen)):
+        parser.error("--workloads takes small, medium and/or large")
     settings: dict[str, str] = {}
     for item in args.set:
         name, sep, value = item.partition("=")
@@ -1290,7 +1296,8 @@ def main(argv: list[str] | None = None) -> int:
         ("quick", args.quick), ("-".join(modes), set(modes) != {"embedded", "services"}),
         (f"workers{args.workers}", args.workers != 1),
         (f"serve{args.serve_processes}", args.workers > 0 and args.serve_processes > 1),
-        ("retry-writes", args.retry_writes), ("set", bool(settings)))
+        ("retry-writes", args.retry_writes), ("set", bool(settings)),
+        ("-".join(chosen), len(workloads) < 3))
         if on]
     latest = "-".join(["latest", *variant])
     run_id = secrets.token_hex(3)
@@ -1322,7 +1329,7 @@ def main(argv: list[str] | None = None) -> int:
             result["floor"] = run_floor(h, workloads, mongo_uri, mongo_pid)
         for mode in modes:
             profile = None
-            if not args.no_profile:
+            if not args.no_profile and "small" in chosen:
                 profile = {"fraction": 0.9,
                            "out": f"{latest}-{mode}"}
             if mode == "services":
@@ -1334,9 +1341,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["modes"][mode] = run_mode(h, mode, workloads, "", 0, 0, profile)
         # The small documents' floor once more: the machine's speed drifts (other tenants of
         # the host), and a ratio means little if the floor moved under the run.
-        with mongo_server(h, "floor-end") as (mongo_uri, mongo_pid):
-            small = [w for w in workloads if w.name == "small"]
-            result["floor_end"] = run_floor(h, small, mongo_uri, mongo_pid)
+        small = [w for w in workloads if w.name == "small"]
+        if small:
+            with mongo_server(h, "floor-end") as (mongo_uri, mongo_pid):
+                result["floor_end"] = run_floor(h, small, mongo_uri, mongo_pid)
     finally:
         stop_process(fcm)
         result["problems"] = h.problems
