@@ -1,0 +1,78 @@
+"""The blob store's writer: whole objects or none, and large ones handed to the disk as they
+are written."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared import blobstore
+from shared.blobstore import WRITEBACK_BYTES, Area, BlobStore
+from shared.ids import new_document_id
+
+MIB = 1024 * 1024
+
+
+def test_a_large_object_is_handed_to_the_disk_in_pieces_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(blobstore, "_start_writeback",
+                        lambda fd, offset, length: started.append((offset, length)))
+    store = BlobStore(tmp_path)
+    doc_id = new_document_id()
+    piece = os.urandom(64 * 1024)
+    total = 2 * WRITEBACK_BYTES + 3 * MIB
+    with store.writer(Area.STAGING, doc_id) as out:
+        for _ in range(total // len(piece)):
+            out.write(piece)
+    # Contiguous ranges from the start, each at least WRITEBACK_BYTES; the tail is the fsync's.
+    assert len(started) == 2
+    assert started[0][0] == 0
+    assert started[1][0] == sum(started[0])
+    assert all(length >= WRITEBACK_BYTES for _, length in started)
+    assert sum(started[-1]) <= total
+    assert store.path(Area.STAGING, doc_id).read_bytes() == piece * (total // len(piece))
+
+
+def test_a_small_object_starts_no_writeback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(blobstore, "_start_writeback",
+                        lambda fd, offset, length: started.append((offset, length)))
+    store = BlobStore(tmp_path)
+    doc_id = new_document_id()
+    with store.writer(Area.STAGING, doc_id) as out:
+        out.write(b"%PDF-1.7 small")
+    assert started == []
+    assert store.path(Area.STAGING, doc_id).read_bytes() == b"%PDF-1.7 small"
+
+
+def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    doc_id = new_document_id()
+
+    def cut_short() -> None:
+        with store.writer(Area.STAGING, doc_id) as out:
+            out.write(os.urandom(WRITEBACK_BYTES + MIB))
+            raise RuntimeError("the upload was cut short")
+
+    with pytest.raises(RuntimeError):
+        cut_short()
+    assert not store.exists(Area.STAGING, doc_id)
+    assert list(store.path(Area.STAGING, doc_id).parent.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range(2) is Linux's")
+def test_linux_writeback_is_the_real_system_call(tmp_path: Path) -> None:
+    assert blobstore._start_writeback is not None
+    store = BlobStore(tmp_path)
+    doc_id = new_document_id()
+    data = os.urandom(3 * WRITEBACK_BYTES)
+    with store.writer(Area.OBJECTS, doc_id) as out:
+        out.write(data)
+    assert store.path(Area.OBJECTS, doc_id).read_bytes() == data
