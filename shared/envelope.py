@@ -65,13 +65,13 @@ import os
 import struct
 from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -80,6 +80,7 @@ __all__ = [
     "MAGIC",
     "MAX_CHUNK_SIZE",
     "TAG_SIZE",
+    "Digest",
     "EnvelopeError",
     "EnvelopeReader",
     "EnvelopeWriter",
@@ -243,6 +244,13 @@ class _ChunkCipher:
         raise EnvelopeError(f"chunk {index} failed authentication")
 
 
+class Digest(Protocol):
+    """What the writer hashes the plaintext with (hashlib's objects qualify)."""
+
+    def update(self, data: ReadableBuffer, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
 class EnvelopeWriter:
     """Streaming encryptor: ``write`` plaintext pieces of any size, then ``close``.
 
@@ -260,6 +268,7 @@ class EnvelopeWriter:
         *,
         associated_data: bytes = b"",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        digest: Digest | None = None,
     ) -> None:
         _check_key(key)
         _check_chunk_size(chunk_size)
@@ -270,7 +279,7 @@ class EnvelopeWriter:
         self._buffer = bytearray()
         self._index = 0
         self._size = 0
-        self._hash = hashlib.sha256()
+        self._hash: Digest = digest if digest is not None else hashlib.sha256()
         self._closed = False
         _write_all(sink, header)
 
@@ -288,7 +297,8 @@ class EnvelopeWriter:
         return self._closed
 
     def sha256_hex(self) -> str:
-        """SHA-256 (hex) of the plaintext accepted so far."""
+        """SHA-256 (hex) of the plaintext accepted so far (a ``digest`` given to the
+        constructor may only give it once, when everything is written)."""
         return self._hash.hexdigest()
 
     def _emit(self, data: bytes | bytearray | memoryview, final: bool) -> None:

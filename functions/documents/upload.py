@@ -17,6 +17,7 @@ from docproc.runtime import Services
 from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
 from shared.access import authenticate
+from shared.background_hash import BackgroundSha256
 from shared.blobstore import Area
 from shared.documents import KINDS, Document, DuplicateIdempotencyKey, Status, utcnow
 from shared.envelope import EnvelopeWriter
@@ -140,9 +141,12 @@ def upload(svc: Services, request: Request) -> Response:
     filename = request.headers.get("X-Filename")
     doc_id = new_document_id()
     data_key, wrapped = svc.keys.generate({"document_id": doc_id})
+    # A large body is hashed on another core while this thread receives, encrypts, writes.
+    digest = BackgroundSha256()
     try:
         with svc.blobs.writer(Area.STAGING, doc_id) as staged:
-            writer = EnvelopeWriter(data_key, staged, associated_data=doc_id.encode())
+            writer = EnvelopeWriter(data_key, staged, associated_data=doc_id.encode(),
+                                    digest=digest)
             sink = _Sink(writer, settings.max_upload_bytes)
             if multipart:
                 part = _FilePart(sink, settings.allowed_types)
@@ -162,15 +166,18 @@ def upload(svc: Services, request: Request) -> Response:
             if writer.plaintext_size == 0:
                 raise bad_request("the document is empty", code="empty_document")
             writer.close()
+            sha256 = writer.sha256_hex()
     except _TooLarge:
         raise _too_large(settings.max_upload_bytes) from None
     except (ParseFailedException, ValueError) as exc:  # the multipart parser's complaints
         raise bad_request(f"malformed multipart body: {exc}",
                           code="malformed_multipart") from None
+    finally:
+        digest.close()
     now = utcnow()
     doc = Document(
         _id=doc_id, owner=ident.user_id, filename=clean_filename(filename),
-        declared_type=declared, size=writer.plaintext_size, sha256=writer.sha256_hex(),
+        declared_type=declared, size=writer.plaintext_size, sha256=sha256,
         status=Status.PROCESSING, created_at=now, updated_at=now, kind=kind,
         wrapped_key=wrapped.to_doc(), idempotency_key=key, upload_event_id=new_document_id(),
     )
