@@ -24,6 +24,7 @@ import pymongo
 import pytest
 import redis
 from pymongo import monitoring
+from pymongo.database import Database
 
 from shared.documents import DocumentRepository
 
@@ -122,20 +123,29 @@ def unique(prefix: str) -> str:
 
 
 @contextmanager
+def scratch_database(server: MongoServer, prefix: str,
+                     listeners: tuple[monitoring.CommandListener, ...] = ()
+                     ) -> Iterator[Database[dict[str, Any]]]:
+    """A database of its own on ``server``, dropped afterwards."""
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        server.uri + "?retryWrites=false", tz_aware=True, event_listeners=list(listeners))
+    name = unique(prefix)
+    try:
+        yield client[name]
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+@contextmanager
 def documents_repository(server: MongoServer, prefix: str,
                          listeners: tuple[monitoring.CommandListener, ...] = ()
                          ) -> Iterator[DocumentRepository]:
     """A DocumentRepository with its indexes in a database of its own, dropped afterwards."""
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        server.uri + "?retryWrites=false", tz_aware=True, event_listeners=list(listeners))
-    name = unique(prefix)
-    repository = DocumentRepository(client[name])
-    repository.ensure_indexes()
-    try:
+    with scratch_database(server, prefix, listeners) as db:
+        repository = DocumentRepository(db)
+        repository.ensure_indexes()
         yield repository
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 def purge_redis(url: str, prefix: str) -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
 
-import pymongo
 import pytest
 
 from shared.deliveries import COMPLETED, RELEASED, DeliveryInProgress, DeliveryRepository
 from tests.helpers import Commands
-from tests.services import MongoServer, unique
+from tests.services import MongoServer, scratch_database, unique
 
 pytestmark = pytest.mark.services
 
@@ -31,17 +29,11 @@ def commands() -> _Listeners:
 
 @pytest.fixture
 def repo(mongo: MongoServer, commands: _Listeners) -> Iterator[DeliveryRepository]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo.uri + "?retryWrites=false", tz_aware=True,
-        event_listeners=[commands.inserts, commands.updates])
-    name = unique("docproc_deliveries_")
-    repository = DeliveryRepository(client[name])
-    repository.ensure_indexes()
-    try:
+    with scratch_database(mongo, "docproc_deliveries_",
+                          (commands.inserts, commands.updates)) as db:
+        repository = DeliveryRepository(db)
+        repository.ensure_indexes()
         yield repository
-    finally:
-        client.drop_database(name)
-        client.close()
 
 
 def test_a_first_claim_is_one_insert_and_leases_the_record(

@@ -16,12 +16,18 @@ from shared.ids import new_document_id
 MIB = 1024 * 1024
 
 
-def test_a_large_object_is_handed_to_the_disk_in_pieces_while_it_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    started: list[tuple[int, int]] = []
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (offset, length) of every writeback the store starts."""
+    ranges: list[tuple[int, int]] = []
     monkeypatch.setattr(blobstore, "_start_writeback",
-                        lambda fd, offset, length: started.append((offset, length)))
+                        lambda fd, offset, length: ranges.append((offset, length)))
+    return ranges
+
+
+def test_a_large_object_is_handed_to_the_disk_in_pieces_while_it_is_written(
+    tmp_path: Path, started: list[tuple[int, int]],
+) -> None:
     store = BlobStore(tmp_path)
     doc_id = new_document_id()
     piece = os.urandom(64 * 1024)
@@ -39,11 +45,8 @@ def test_a_large_object_is_handed_to_the_disk_in_pieces_while_it_is_written(
 
 
 def test_a_small_object_starts_no_writeback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, started: list[tuple[int, int]],
 ) -> None:
-    started: list[tuple[int, int]] = []
-    monkeypatch.setattr(blobstore, "_start_writeback",
-                        lambda fd, offset, length: started.append((offset, length)))
     store = BlobStore(tmp_path)
     doc_id = new_document_id()
     with store.writer(Area.STAGING, doc_id) as out:
