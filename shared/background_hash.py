@@ -22,6 +22,17 @@ DEFAULT_THRESHOLD = 4 * 1024 * 1024
 QUEUE_PIECES = 8
 
 
+def _immutable(data: ReadableBuffer) -> bytes:
+    """The bytes to hash later: the caller may reuse or release its buffer once ``update``
+    returns, so anything but a whole ``bytes`` object (or a view of one) is copied."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and isinstance(data.obj, bytes) \
+            and data.nbytes == len(data.obj) and data.contiguous:
+        return data.obj  # the upload's case: a view of what the socket read
+    return bytes(data)
+
+
 class BackgroundSha256:
     """``update`` and ``hexdigest`` like hashlib's; ``close`` when the upload is abandoned."""
 
@@ -47,8 +58,7 @@ class BackgroundSha256:
             if self._inline >= self._threshold:
                 self._start()
             return
-        # A copy: the caller may reuse or release its buffer once this returns.
-        self._pieces.put(bytes(data))
+        self._pieces.put(_immutable(data))
 
     def _start(self) -> None:
         self._pieces = queue.Queue(QUEUE_PIECES)

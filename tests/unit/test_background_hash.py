@@ -56,3 +56,19 @@ def test_an_abandoned_upload_stops_its_hashing_thread() -> None:
     digest.close()
     assert not any(t.is_alive() for t in _hashing_threads())
     digest.close()  # twice is harmless
+
+
+def test_whole_bytes_objects_are_hashed_without_a_copy_and_views_of_parts_with_one() -> None:
+    from shared.background_hash import _immutable
+
+    data = os.urandom(64 * KIB)
+    assert _immutable(data) is data
+    with memoryview(data) as raw, raw.cast("B") as view:
+        assert _immutable(view) is data  # what EnvelopeWriter hands over
+        part = _immutable(view[KIB:])
+        assert part == data[KIB:]
+        assert part is not data
+    buffer = bytearray(data)
+    copied = _immutable(buffer)
+    buffer[0] ^= 0xFF  # the caller reuses its buffer: the queued piece must not change
+    assert copied == data
