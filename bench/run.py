@@ -298,6 +298,14 @@ class Tracked:
         out["client"] = times.total if times else 0.0
         return out
 
+    def system(self) -> dict[str, float]:
+        """The kernel's share of ``cpu()``: copies into the page cache, writeback, sockets."""
+        out: dict[str, float] = {}
+        for role, pid in self.app.items():
+            times = procs.cpu_times(pid)
+            out[role] = times.system + times.children_system if times else 0.0
+        return out
+
     def reset_peaks(self) -> None:
         for pid in self.app.values():
             procs.reset_peak(pid)
@@ -341,13 +349,14 @@ def rate_of(count: int, start: float, end: float) -> float | None:
     return count / (end - start) if count and end > start else None
 
 
-def mongo_ops(mongo: MongoClient[Any]) -> float | None:
-    """The server's operation counters (insert, query, update, delete, getmore, command)."""
+def mongo_ops(mongo: MongoClient[Any]) -> dict[str, float] | None:
+    """The server's operation counters by kind (insert, query, update, delete, getmore,
+    command)."""
     try:
         counters = mongo.admin.command("serverStatus").get("opcounters", {})
     except Exception:
         return None
-    return float(sum(v for v in counters.values() if isinstance(v, int | float)))
+    return {k: float(v) for k, v in counters.items() if isinstance(v, int | float)}
 
 
 def measure_step(h: Harness, client: Client, tracked: Tracked, mongo: MongoClient[Any],
@@ -364,6 +373,7 @@ def measure_step(h: Harness, client: Client, tracked: Tracked, mongo: MongoClien
     except Exception:
         before = None
     cpu0 = tracked.cpu()
+    sys0 = tracked.system()
     ops0 = mongo_ops(mongo)
     t_start = time.time()
     concurrency = wl.concurrency
@@ -373,6 +383,7 @@ def measure_step(h: Harness, client: Client, tracked: Tracked, mongo: MongoClien
     expected = (count / rate if rate else 0) + wl.size / MIB * count / 10 + 30
     drained = h.receipts.wait_for(ids, min(max(expected, 60.0), 900.0))
     cpu1 = tracked.cpu()
+    sys1 = tracked.system()
     t_end = time.time()
     ops1 = mongo_ops(mongo)
     records = {}
@@ -383,10 +394,17 @@ def measure_step(h: Harness, client: Client, tracked: Tracked, mongo: MongoClien
             records[rec["_id"]] = rec
     result = summarize_step(h, wl, step, rate, uploads, records, cpu0, cpu1, drained, note)
     result["window"] = [t_start, t_end]
+    result["cpu_sys_s_per_doc"] = {k: (v - sys0.get(k, 0.0)) / max(result["accepted"], 1)
+                                   for k, v in sys1.items()}
     result["documents_in_db_before"] = before
     if ops0 is not None and ops1 is not None:
-        # -1: the serverStatus command of the second reading itself
-        result["mongo_ops_per_doc"] = (ops1 - ops0 - 1) / max(result["accepted"], 1)
+        docs = max(result["accepted"], 1)
+        # The serverStatus command of the second reading counts itself.
+        by_kind = {k: v - ops0.get(k, 0.0) for k, v in ops1.items()}
+        by_kind["command"] = by_kind.get("command", 0.0) - 1
+        result["mongo_ops_per_doc"] = sum(by_kind.values()) / docs
+        result["mongo_ops_per_doc_by_kind"] = {k: round(v / docs, 2)
+                                               for k, v in by_kind.items() if v}
     return result
 
 
@@ -1004,8 +1022,13 @@ def print_report(result: dict[str, Any]) -> None:
                   + db_ratio + ")")
             ops = [st["mongo_ops_per_doc"] for st in wl["steps"] if "mongo_ops_per_doc" in st]
             if ops:
+                kinds: dict[str, list[float]] = {}
+                for st in wl["steps"]:
+                    for k, v in st.get("mongo_ops_per_doc_by_kind", {}).items():
+                        kinds.setdefault(k, []).append(v)
+                split = ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in kinds.items())
                 print(f"   MongoDB operations per document: {sum(ops) / len(ops):.1f} "
-                      f"(the floor: 2)")
+                      f"({split}; the floor: 2)")
             print("   peak RSS MiB: " + ", ".join(f"{k} {v}" for k, v in
                                                   wl["peak_rss_mib"].items()))
         lp = mres.get("log_problems", {})
