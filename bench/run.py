@@ -334,6 +334,7 @@ class Harness:
     deadline: float
     step_seconds: float
     retry_writes: bool = False
+    replica_set: bool = False
     quick: bool = False
     settings: dict[str, str] = field(default_factory=dict)  # --set: DOCPROC_* for docproc
     problems: list[str] = field(default_factory=list)
@@ -586,14 +587,20 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 @contextlib.contextmanager
 def mongo_server(h: Harness, name: str) -> Iterator[tuple[str, int]]:
-    """A fresh SecantusDB server process; its URI (see ``Harness.retry_writes``) and pid."""
+    """A fresh SecantusDB server process; its URI (see ``Harness.retry_writes``) and pid.
+
+    Standalone, as ``mongod`` runs by default and as the embedded default runs it: a server
+    advertising a replica set writes an oplog entry for every changed record, which only
+    change streams and replication read, and docproc uses neither (bench/README.md,
+    Findings 20). ``Harness.replica_set`` keeps the oplog, to compare."""
     storage = h.work / f"secantus-{name}"
     storage.mkdir(parents=True)
     port = free_port()
     log = (h.work / f"secantusd-{name}.log").open("wb")
     proc = subprocess.Popen(
         [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(port),
-         "--storage-path", str(storage), "--log-level", "WARNING"],
+         "--storage-path", str(storage), "--log-level", "WARNING",
+         *([] if h.replica_set else ["--standalone"])],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         import socket
@@ -1289,6 +1296,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave pymongo's retryable writes on against the SecantusDB server "
                              "(floor and services mode); by default the URI carries "
                              "retryWrites=false, see bench/README.md")
+    parser.add_argument("--replica-set", action="store_true",
+                        help="run the SecantusDB server as a single-node replica set, with its "
+                             "oplog (results before 2026-12-02T12:30Z were measured so); "
+                             "implied by --retry-writes, which a standalone server does not "
+                             "support")
     parser.add_argument("--max-minutes", type=float, default=40.0,
                         help="time budget; later steps are skipped past it (default 40)")
     parser.add_argument("--step-seconds", type=float, default=None,
@@ -1319,7 +1331,8 @@ def main(argv: list[str] | None = None) -> int:
         ("quick", args.quick), ("-".join(modes), set(modes) != {"embedded", "services"}),
         (f"workers{args.workers}", args.workers != 1),
         (f"serve{args.serve_processes}", args.workers > 0 and args.serve_processes > 1),
-        ("retry-writes", args.retry_writes), ("set", bool(settings)),
+        ("retry-writes", args.retry_writes),
+        ("replica-set", args.replica_set and not args.retry_writes), ("set", bool(settings)),
         ("-".join(chosen), len(workloads) < 3))
         if on]
     latest = "-".join(["latest", *variant])
@@ -1336,6 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
                             "floor": [w.floor_sequential, w.floor_concurrent]}
                    for w in workloads},
         "modes": {}, "problems": [], "retry_writes": args.retry_writes,
+        "mongo_topology": "replica set" if args.replica_set or args.retry_writes else "standalone",
         "settings": settings,
     }
     print(f"docproc bench {run_id}: work dir {work}; load average "
@@ -1345,7 +1359,9 @@ def main(argv: list[str] | None = None) -> int:
     h = Harness(run_id, work, fcm_dir, fcm.pid, Receipts(fcm_dir / "receipts.jsonl"),
                 deadline=t0 + args.max_minutes * 60,
                 step_seconds=args.step_seconds or (20.0 if args.quick else 60.0),
-                retry_writes=args.retry_writes, quick=args.quick, settings=settings)
+                retry_writes=args.retry_writes,
+                replica_set=args.replica_set or args.retry_writes, quick=args.quick,
+                settings=settings)
     try:
         with mongo_server(h, "floor") as (mongo_uri, mongo_pid):
             print("floor ...", flush=True)

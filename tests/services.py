@@ -68,7 +68,11 @@ def free_port() -> int:
 
 
 class MongoServer:
-    """``secantusd-py`` in a process of its own, so tests can stop and restart it."""
+    """``secantusd-py`` in a process of its own, so tests can stop and restart it.
+
+    Standalone, like the embedded default and ``mongod`` out of the box: a replica-set
+    advertisement makes the server write an oplog entry per changed record for change streams,
+    which docproc does not use."""
 
     def __init__(self, storage: Path) -> None:
         self.storage = storage
@@ -84,7 +88,7 @@ class MongoServer:
         self.storage.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [str(exe), "--host", "127.0.0.1", "--port", str(self.port),
-             "--storage-path", str(self.storage), "--log-level", "WARNING"],
+             "--storage-path", str(self.storage), "--log-level", "WARNING", "--standalone"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
