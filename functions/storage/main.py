@@ -41,6 +41,10 @@ from shared.sealed import seal, unseal
 
 log = logging.getLogger(__name__)
 
+# Up to this size a document is inspected from the plaintext its verification produced:
+# memory for it is bounded per handler thread, and larger documents are read again.
+INSPECT_IN_MEMORY = 1024 * 1024
+
 
 @dataclass
 class Verdict:
@@ -107,6 +111,9 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
     aad = doc.id.encode()
     size = 0
     head = b""
+    # A small document's plaintext is kept from this pass for the inspection below, which
+    # otherwise opens the object again and seeks through a decrypting view of it.
+    kept: list[bytes] | None = []
     # Every chunk is authenticated under the document's own key, in order, up to the final
     # one: that proves these are the bytes the upload encrypted (and hashed as they came
     # in), so hashing them a second time here would add a pass over the document and no
@@ -117,6 +124,10 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
                 if len(head) < SNIFF_BYTES:
                     head += chunk[: SNIFF_BYTES - len(head)]
                 size += len(chunk)
+                if kept is not None and size <= INSPECT_IN_MEMORY:
+                    kept.append(chunk)
+                else:
+                    kept = None
     except EnvelopeError as exc:
         return Verdict(Status.FAILED, reason=f"stored object failed its integrity check: {exc}")
     if size != doc.size:
@@ -132,9 +143,12 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
         return Verdict(Status.REJECTED, media_type=media_type,
                        reason=f"declared {doc.declared_type} but the content is {media_type}")
     try:
-        with svc.blobs.open(area, doc.id) as source:
-            plain = io.BufferedReader(EnvelopeReader(data_key, source, associated_data=aad))
-            metadata = extract_metadata(media_type, plain)
+        if kept is not None:
+            metadata = extract_metadata(media_type, io.BytesIO(b"".join(kept)))
+        else:
+            with svc.blobs.open(area, doc.id) as source:
+                plain = io.BufferedReader(EnvelopeReader(data_key, source, associated_data=aad))
+                metadata = extract_metadata(media_type, plain)
     except InvalidDocument as exc:
         return Verdict(Status.REJECTED, media_type=media_type, reason=str(exc))
     return Verdict(Status.STORED, media_type=media_type, metadata=metadata)
