@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from docproc import heap
     from docproc.health import serve_in_background
     from docproc.outbox import OutboxRelay
     from docproc.registry import EVENT_FUNCTIONS
@@ -56,6 +57,7 @@ def _worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     relay = OutboxRelay(svc).start()
     ops = serve_in_background(svc, args.ops_host, args.ops_port, needs_broker=True)
+    heap.settle()
     try:
         runner.run()
     finally:

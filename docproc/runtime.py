@@ -139,12 +139,14 @@ def services() -> Services:
     if _current is None:
         with _lock:
             if _current is None:
+                from docproc import heap
                 from docproc.outbox import OutboxRelay
 
                 setup_logging()
                 _current = build_services(load_settings())
                 # A function run alone publishes too, so it relays its leftovers as well.
                 OutboxRelay(_current).start()
+                heap.settle()
     return _current
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import gunicorn.app.base
 
+from docproc import heap
 from docproc.pipeline import Pipeline
 from shared.config import ConfigError, Settings
 
@@ -53,6 +54,7 @@ class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         self.pipeline = Pipeline(self.settings, consumers=self.consumers).start()
+        heap.settle()  # in the worker process: gunicorn calls load() after the fork
         log.info("docproc serving on %s (events: %s, MongoDB: %s)", self.options["bind"],
                  "RabbitMQ" if self.settings.amqp_url else "in-process bus",
                  "server" if self.settings.mongodb_uri else "embedded SecantusDB")
