@@ -1326,13 +1326,15 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name.startswith("DOCPROC_"):
             parser.error(f"--set takes DOCPROC_NAME=VALUE, not {item!r}")
         settings[name] = value
+    # A standalone server does not support retryable writes.
+    replica_set = args.replica_set or args.retry_writes
     # latest.json is the default run; variants keep their own "latest" files.
     variant = [part for part, on in (
         ("quick", args.quick), ("-".join(modes), set(modes) != {"embedded", "services"}),
         (f"workers{args.workers}", args.workers != 1),
         (f"serve{args.serve_processes}", args.workers > 0 and args.serve_processes > 1),
         ("retry-writes", args.retry_writes),
-        ("replica-set", args.replica_set and not args.retry_writes), ("set", bool(settings)),
+        ("replica-set", replica_set and not args.retry_writes), ("set", bool(settings)),
         ("-".join(chosen), len(workloads) < 3))
         if on]
     latest = "-".join(["latest", *variant])
@@ -1349,7 +1351,7 @@ def main(argv: list[str] | None = None) -> int:
                             "floor": [w.floor_sequential, w.floor_concurrent]}
                    for w in workloads},
         "modes": {}, "problems": [], "retry_writes": args.retry_writes,
-        "mongo_topology": "replica set" if args.replica_set or args.retry_writes else "standalone",
+        "mongo_topology": "replica set" if replica_set else "standalone",
         "settings": settings,
     }
     print(f"docproc bench {run_id}: work dir {work}; load average "
@@ -1360,7 +1362,7 @@ def main(argv: list[str] | None = None) -> int:
                 deadline=t0 + args.max_minutes * 60,
                 step_seconds=args.step_seconds or (20.0 if args.quick else 60.0),
                 retry_writes=args.retry_writes,
-                replica_set=args.replica_set or args.retry_writes, quick=args.quick,
+                replica_set=replica_set, quick=args.quick,
                 settings=settings)
     try:
         with mongo_server(h, "floor") as (mongo_uri, mongo_pid):
