@@ -57,8 +57,7 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
                 pending: str, now: datetime) -> list[Operation]:
     """The per-document operations, with the pipeline's current filter and update shapes
     (shared/documents.py, shared/deliveries.py: keep them in step)."""
-    same = {"owner": "user1", "sha256": "0" * 64,
-            "status": {"$in": ["processing", "stored", "rejected"]}}
+    same = {"owner": "user1", "live_sha256": "0" * 64}
     finish = {"_id": pending, "status": "processing"}
     outbox = {"outbox_due": {"$lte": now}}
     drained = {"_id": pending, "outbox_due": now}
@@ -67,7 +66,8 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
         return {"_id": f"{secrets.token_hex(16)}.stored", "lease_until": {"$lt": now}}
 
     return [
-        ("documents.same_content (upload)", docs, same,
+        # Only after an upload's insert collided (a repeat), not per document.
+        ("documents.live_with_content (a repeat)", docs, same,
          lambda: docs.find_one(same)),
         ("documents.get (storage)", docs, {"_id": pending},
          lambda: docs.find_one({"_id": pending})),
@@ -126,10 +126,10 @@ def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
         for size in sorted(sizes):
             fill_started = time.perf_counter()
             for i in range(filled, size):
-                doc_id = secrets.token_hex(16)
+                doc_id, digest = secrets.token_hex(16), secrets.token_hex(32)
                 docs.insert_one({
-                    "_id": doc_id, "owner": f"user{i % 8}", "sha256": secrets.token_hex(32),
-                    "status": "stored", "created_at": now, "updated_at": now,
+                    "_id": doc_id, "owner": f"user{i % 8}", "sha256": digest,
+                    "live_sha256": digest, "status": "stored", "created_at": now, "updated_at": now,
                     "filename": "doc.pdf", "filename_folded": "doc.pdf",
                     "declared_type": "application/pdf", "media_type": "application/pdf",
                     "size": 65536, "upload_event_id": secrets.token_hex(16), "outbox": [],

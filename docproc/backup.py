@@ -988,6 +988,8 @@ def restore_backup(svc: Services, src: str, *,
             raise
     for repo in (svc.documents, svc.users, svc.deliveries, svc.audit):
         repo.ensure_indexes()
+    # A backup made before records carried `live_sha256` restores without it.
+    svc.documents.mark_live_content()
     report.seconds = time.monotonic() - began
     say(f"restore of {manifest.backup_id} complete")
     return report

@@ -25,6 +25,9 @@ class Status(StrEnum):
 
 
 KINDS = ("proof_of_delivery", "bill_of_lading", "receipt", "photo", "other")
+# The outcomes a repeated upload of the same bytes is answered with (the existing document)
+# rather than recorded again; a failed or deleted document's bytes may be uploaded anew.
+LIVE = (Status.PROCESSING, Status.STORED, Status.REJECTED)
 
 
 class Document(BaseModel):
@@ -53,6 +56,10 @@ class Document(BaseModel):
     download_url_enc: bytes | None = None
     download_url_expires: datetime | None = None
     idempotency_key: str | None = None
+    # The content's SHA-256 while the document is live (see LIVE), unset when it fails or is
+    # deleted: a unique index on (owner, live_sha256) lets only one of two concurrent uploads
+    # of the same bytes in, where a look-before-insert let both through.
+    live_sha256: str | None = None
     upload_event_id: str
     # The transactional outbox: events recorded atomically with the state they announce,
     # removed once the broker confirmed them; the relay publishes what a crash left behind.
@@ -92,6 +99,14 @@ class DuplicateIdempotencyKey(Exception):
         self.existing = existing
 
 
+class DuplicateContent(Exception):
+    """The owner already has a live document with these exact bytes."""
+
+    def __init__(self, existing: Document) -> None:
+        super().__init__(existing.id)
+        self.existing = existing
+
+
 def utcnow() -> datetime:
     """Now, at the millisecond precision BSON keeps, so a record written with it reads back
     equal to what was written."""
@@ -109,6 +124,14 @@ BROWSE_INDEXES: dict[str, list[tuple[str, int]]] = {
 # Indexes earlier versions made for SecantusDB's conditional writes ({_id, status} and the
 # like): its writes look the `_id` clause up without them, so they only cost every write.
 RETIRED_INDEXES = ("id_status", "id_outbox_due")
+# What found a repeated upload before `live_sha256` existed; an installation that still has it
+# has records without that field, which are given it before the index goes (mark_live_content).
+PRE_LIVE_CONTENT_INDEX = "owner_sha256_status"
+LIVE_CONTENT_INDEX = "owner_live_sha256"
+IDEMPOTENCY_INDEX = "owner_idempotency_key"
+# Attempts at recording an upload whose conflicting record keeps vanishing (deleted or failed
+# between our insert and our look-up); more than two would take a concurrent storm.
+INSERT_ATTEMPTS = 3
 
 
 class DocumentRepository:
@@ -133,47 +156,91 @@ class DocumentRepository:
             [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
             unique=True,
             partialFilterExpression={"idempotency_key": {"$type": "string"}},
-            name="owner_idempotency_key",
+            name=IDEMPOTENCY_INDEX,
+        )
+        self.col.create_index(
+            [("owner", ASCENDING), ("live_sha256", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"live_sha256": {"$type": "string"}},
+            name=LIVE_CONTENT_INDEX,
         )
         self.col.create_index(
             [("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"
         )
         self.col.create_index([("outbox_due", ASCENDING)], name="outbox_due", sparse=True)
-        self.col.create_index([("owner", ASCENDING), ("sha256", ASCENDING), ("status", ASCENDING)],
-                              name="owner_sha256_status")
-        unwanted = list(RETIRED_INDEXES)
+        existing = set(self.col.index_information())
+        if PRE_LIVE_CONTENT_INDEX in existing:
+            # Dropped only once every live record has its field: a start that dies half way
+            # through finds the old index still there and carries on.
+            self.mark_live_content()
+        unwanted = [*RETIRED_INDEXES, PRE_LIVE_CONTENT_INDEX]
         if "secantusVersion" in self.col.database.client.admin.command("buildInfo"):
             unwanted += BROWSE_INDEXES
         else:
             for name, keys in BROWSE_INDEXES.items():
                 self.col.create_index(keys, name=name)
-        existing = set(self.col.index_information())
         for name in unwanted:
             if name in existing:
                 self.col.drop_index(name)
 
+    def mark_live_content(self) -> int:
+        """Give live records written before `live_sha256` existed their field, oldest first,
+        so that a repeated upload finds the first copy; a later copy of the same bytes stays
+        as it is (both were accepted) but is not what repeats are answered with. Returns how
+        many records were marked."""
+        marked = 0
+        pending = self.col.find(
+            {"status": {"$in": [s.value for s in LIVE]}, "live_sha256": {"$exists": False}},
+            {"sha256": 1},
+        ).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+        for raw in pending:
+            try:
+                result = self.col.update_one(
+                    {"_id": raw["_id"], "status": {"$in": [s.value for s in LIVE]}},
+                    {"$set": {"live_sha256": raw["sha256"]}})
+            except DuplicateKeyError:
+                continue  # an older live copy of the same bytes holds the key
+            marked += result.modified_count
+        return marked
+
     def insert(self, doc: Document, event: OutboxEvent | None = None) -> None:
+        """Record an upload, with its event in the same write.
+
+        Raises DuplicateIdempotencyKey or DuplicateContent, naming the record that won, when
+        the owner already has a record under this Idempotency-Key or a live one with these
+        bytes (``doc.live_sha256``); the unique indexes decide, so of two concurrent uploads
+        exactly one is recorded."""
         raw = {**doc.to_mongo(), "filename_folded": doc.filename.casefold()}
         if event is not None:
             raw["outbox"] = [event.entry()]
             raw["outbox_due"] = utcnow() + self.outbox_grace
-        try:
-            self.col.insert_one(raw)
-        except DuplicateKeyError:
-            if doc.idempotency_key is not None:
-                existing = self.by_idempotency_key(doc.owner, doc.idempotency_key)
-                if existing is not None:
-                    raise DuplicateIdempotencyKey(existing) from None
-            raise
+        for _ in range(INSERT_ATTEMPTS):
+            try:
+                self.col.insert_one(raw)
+                return
+            except DuplicateKeyError:
+                if doc.idempotency_key is not None:
+                    existing = self.by_idempotency_key(doc.owner, doc.idempotency_key)
+                    if existing is not None:
+                        raise DuplicateIdempotencyKey(existing) from None
+                if doc.live_sha256 is not None:
+                    existing = self.live_with_content(doc.owner, doc.live_sha256)
+                    if existing is not None:
+                        raise DuplicateContent(existing) from None
+                # The record we collided with failed or was deleted since: try again.
+        raise RuntimeError(f"document {doc.id}: the record it collides with keeps changing")
 
     def get(self, doc_id: str) -> Document | None:
         raw = self.col.find_one({"_id": doc_id})
         return Document.model_validate(raw) if raw else None
 
-    def same_content(self, owner: str, sha256: str) -> Document | None:
+    # MongoDB answers both look-ups from their partial unique indexes. SecantusDB's planner
+    # passes partial indexes by (``explain``: COLLSCAN; hinted, its index scan is slower
+    # still), which is why the content look-up happens only after an insert collided.
+
+    def live_with_content(self, owner: str, sha256: str) -> Document | None:
         """The owner's live document with these exact bytes, if any (a repeated upload)."""
-        raw = self.col.find_one({"owner": owner, "sha256": sha256, "status": {"$in": [
-            Status.PROCESSING.value, Status.STORED.value, Status.REJECTED.value]}})
+        raw = self.col.find_one({"owner": owner, "live_sha256": sha256})
         return Document.model_validate(raw) if raw else None
 
     def by_idempotency_key(self, owner: str, key: str) -> Document | None:
@@ -198,11 +265,16 @@ class DocumentRepository:
         # proportion to the collection, whatever the filter. No read follows: the outcome,
         # its time and its event are what callers use, and those are exactly what this write
         # set (an agent's concurrent edit of, say, the tags is not in the returned copy).
+        update: dict[str, Any] = {"$set": changes}
+        if status not in LIVE:
+            # A failed document's bytes may be uploaded again, as a new document.
+            update["$unset"] = {"live_sha256": ""}
         result = self.col.update_one({"_id": doc.id, "status": Status.PROCESSING.value},
-                                     {"$set": changes})
+                                     update)
         if result.modified_count != 1:
             return None
-        return doc.model_copy(update={**changes, "status": status})
+        gone = {} if status in LIVE else {"live_sha256": None}
+        return doc.model_copy(update={**changes, **gone, "status": status})
 
     def published(self, doc_id: str, event_id: str) -> None:
         """The broker confirmed the event: take it out of the record's outbox."""
@@ -278,7 +350,8 @@ class DocumentRepository:
             {
                 "$set": {"status": Status.DELETED.value, "deleted_at": now, "deleted_by": by,
                          "updated_at": now, "wrapped_key": None},
-                "$unset": {"download_url_enc": "", "download_url_expires": ""},
+                "$unset": {"download_url_enc": "", "download_url_expires": "",
+                           "live_sha256": ""},
             },
             return_document=ReturnDocument.AFTER,
         )

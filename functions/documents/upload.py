@@ -19,7 +19,14 @@ from events.cloudevent import make_event
 from shared.access import authenticate
 from shared.background_hash import BackgroundSha256
 from shared.blobstore import Area
-from shared.documents import KINDS, Document, DuplicateIdempotencyKey, Status, utcnow
+from shared.documents import (
+    KINDS,
+    Document,
+    DuplicateContent,
+    DuplicateIdempotencyKey,
+    Status,
+    utcnow,
+)
 from shared.envelope import EnvelopeWriter
 from shared.errors import ApiError, bad_request
 from shared.filenames import clean_filename
@@ -179,21 +186,21 @@ def upload(svc: Services, request: Request) -> Response:
         _id=doc_id, owner=ident.user_id, filename=clean_filename(filename),
         declared_type=declared, size=writer.plaintext_size, sha256=sha256,
         status=Status.PROCESSING, created_at=now, updated_at=now, kind=kind,
-        wrapped_key=wrapped.to_doc(), idempotency_key=key, upload_event_id=new_document_id(),
+        wrapped_key=wrapped.to_doc(), idempotency_key=key, live_sha256=sha256,
+        upload_event_id=new_document_id(),
     )
     try:
-        same = svc.documents.same_content(ident.user_id, doc.sha256)
-        if same is not None:
-            # The same bytes from the same driver (a retry without Idempotency-Key, a double
-            # tap): the existing document is the answer, not a second copy.
-            svc.blobs.delete(Area.STAGING, doc_id)
-            UPLOADS.labels("duplicate").inc()
-            return accepted(same, status=200)
         _record_and_announce(svc, doc)
     except DuplicateIdempotencyKey as dup:
         # A concurrent retry of the same upload won the race; ours leaves no trace.
         svc.blobs.delete(Area.STAGING, doc_id)
         return accepted(dup.existing)
+    except DuplicateContent as dup:
+        # The same bytes from the same driver (a retry without Idempotency-Key, a double
+        # tap, two at once included): the existing document is the answer, not a second copy.
+        svc.blobs.delete(Area.STAGING, doc_id)
+        UPLOADS.labels("duplicate").inc()
+        return accepted(dup.existing, status=200)
     except BaseException:
         svc.blobs.delete(Area.STAGING, doc_id)
         raise

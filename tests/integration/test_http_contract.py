@@ -4,6 +4,7 @@ Every refusal is a JSON error and leaves nothing behind: no staged object, no re
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -288,6 +289,39 @@ def test_same_bytes_from_the_same_driver_return_the_existing_document(
     settled(http, small.base_url, first.json()["id"])
     staged = [p for p in (small.svc.settings.efs_root / "staging").rglob("*") if p.is_file()]
     assert staged == [] or [p.name for p in staged] == [other.json()["id"]]
+
+
+def test_a_double_tap_records_one_document(small: Running) -> None:
+    body = samples.pdf(samples.marker())
+    taps = 6
+    start = threading.Barrier(taps)
+    answers: list[requests.Response] = []
+
+    def tap() -> None:
+        with requests.Session() as own:
+            start.wait()
+            answers.append(upload(own, small.base_url, body, "application/pdf"))
+
+    threads = [threading.Thread(target=tap) for _ in range(taps)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(a.status_code for a in answers) == [200] * (taps - 1) + [202]
+    ids = {a.json()["id"] for a in answers}
+    assert len(ids) == 1
+    assert small.svc.documents.col.count_documents({}) == 1
+    with requests.Session() as http:
+        doc_id = ids.pop()
+        assert settled(http, small.base_url, doc_id)["status"] == "stored"
+        # The losers' staged copies are gone; only the one document's object is kept.
+        assert [p.name for p in _files(small.svc.settings.efs_root)] == [doc_id]
+        # Once it is deleted, the same bytes are a new document.
+        assert http.delete(small.url(f"/v1/documents/{doc_id}"), headers=AGENT,
+                           timeout=10).status_code == 200
+        again = upload(http, small.base_url, body, "application/pdf")
+        assert again.status_code == 202
+        assert again.json()["id"] != doc_id
 
 
 def test_identity_headers_without_the_gateway_secret_are_refused(
