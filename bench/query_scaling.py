@@ -30,7 +30,7 @@ from pymongo.collection import Collection
 
 from bench import procs
 from shared.deliveries import DeliveryRepository
-from shared.documents import DocumentRepository
+from shared.documents import DocumentRepository, slot
 from tests.services import MongoServer
 
 BIN = Path(sys.executable).parent
@@ -57,7 +57,8 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
                 pending: str, now: datetime) -> list[Operation]:
     """The per-document operations, with the pipeline's current filter and update shapes
     (shared/documents.py, shared/deliveries.py: keep them in step)."""
-    same = {"owner": "user1", "live_sha256": "0" * 64}
+    same = {"content_slot": slot("user1", "0" * 64)}
+    keyed = {"idempotency_slot": slot("user1", "retry-of-nothing")}
     finish = {"_id": pending, "status": "processing"}
     outbox = {"outbox_due": {"$lte": now}}
     drained = {"_id": pending, "outbox_due": now}
@@ -69,6 +70,9 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
         # Only after an upload's insert collided (a repeat), not per document.
         ("documents.live_with_content (a repeat)", docs, same,
          lambda: docs.find_one(same)),
+        # Per upload that carries an Idempotency-Key (the benchmark's client sends none).
+        ("documents.by_idempotency_key (upload)", docs, keyed,
+         lambda: docs.find_one(keyed)),
         ("documents.get (storage)", docs, {"_id": pending},
          lambda: docs.find_one({"_id": pending})),
         ("documents.finish (storage)", docs, None,
@@ -129,7 +133,9 @@ def run(sizes: list[int], retry_writes: bool, repeat: int) -> None:
                 doc_id, digest = secrets.token_hex(16), secrets.token_hex(32)
                 docs.insert_one({
                     "_id": doc_id, "owner": f"user{i % 8}", "sha256": digest,
-                    "live_sha256": digest, "status": "stored", "created_at": now, "updated_at": now,
+                    "content_slot": slot(f"user{i % 8}", digest), "idempotency_key": doc_id,
+                    "idempotency_slot": slot(f"user{i % 8}", doc_id), "status": "stored",
+                    "created_at": now, "updated_at": now,
                     "filename": "doc.pdf", "filename_folded": "doc.pdf",
                     "declared_type": "application/pdf", "media_type": "application/pdf",
                     "size": 65536, "upload_event_id": secrets.token_hex(16), "outbox": [],

@@ -988,8 +988,8 @@ def restore_backup(svc: Services, src: str, *,
             raise
     for repo in (svc.documents, svc.users, svc.deliveries, svc.audit):
         repo.ensure_indexes()
-    # A backup made before records carried `live_sha256` restores without it.
-    svc.documents.mark_live_content()
+    # A backup made before records carried their slots restores without them.
+    svc.documents.fill_slots()
     report.seconds = time.monotonic() - began
     say(f"restore of {manifest.backup_id} complete")
     return report

@@ -56,10 +56,6 @@ class Document(BaseModel):
     download_url_enc: bytes | None = None
     download_url_expires: datetime | None = None
     idempotency_key: str | None = None
-    # The content's SHA-256 while the document is live (see LIVE), unset when it fails or is
-    # deleted: a unique index on (owner, live_sha256) lets only one of two concurrent uploads
-    # of the same bytes in, where a look-before-insert let both through.
-    live_sha256: str | None = None
     upload_event_id: str
     # The transactional outbox: events recorded atomically with the state they announce,
     # removed once the broker confirmed them; the relay publishes what a crash left behind.
@@ -124,14 +120,26 @@ BROWSE_INDEXES: dict[str, list[tuple[str, int]]] = {
 # Indexes earlier versions made for SecantusDB's conditional writes ({_id, status} and the
 # like): its writes look the `_id` clause up without them, so they only cost every write.
 RETIRED_INDEXES = ("id_status", "id_outbox_due")
-# What found a repeated upload before `live_sha256` existed; an installation that still has it
-# has records without that field, which are given it before the index goes (mark_live_content).
-PRE_LIVE_CONTENT_INDEX = "owner_sha256_status"
-LIVE_CONTENT_INDEX = "owner_live_sha256"
-IDEMPOTENCY_INDEX = "owner_idempotency_key"
+# What is unique per owner is kept in single fields, each with a sparse unique index:
+# `idempotency_slot` (the owner and their Idempotency-Key) and `content_slot` (the owner and
+# the bytes' SHA-256, present only while the document is live, see LIVE, and removed when it
+# fails or is deleted). Of two concurrent uploads the index admits one, where a look before
+# the insert let both through, and SecantusDB's planner looks a sparse index up where it
+# scans the collection for a partial one (bench/README.md, Findings 23).
+IDEMPOTENCY_SLOT = "idempotency_slot"
+CONTENT_SLOT = "content_slot"
+# Indexes of versions before the slots: where one is left, records are given their slots
+# (fill_slots) before it goes, so a start that dies half way carries on at the next.
+PRE_SLOT_INDEXES = ("owner_idempotency_key", "owner_sha256_status")
 # Attempts at recording an upload whose conflicting record keeps vanishing (deleted or failed
 # between our insert and our look-up); more than two would take a concurrent storm.
 INSERT_ATTEMPTS = 3
+
+
+def slot(owner: str, value: str) -> str:
+    """An owner's value as one string, the owner's length first so that no other owner and
+    value can spell the same."""
+    return f"{len(owner)}:{owner}:{value}"
 
 
 class DocumentRepository:
@@ -152,28 +160,16 @@ class DocumentRepository:
         on either server: both look the ``_id`` up. Indexes the server at hand does not use
         are dropped, so an installation that moves between the two keeps only what it uses.
         """
-        self.col.create_index(
-            [("owner", ASCENDING), ("idempotency_key", ASCENDING)],
-            unique=True,
-            partialFilterExpression={"idempotency_key": {"$type": "string"}},
-            name=IDEMPOTENCY_INDEX,
-        )
-        self.col.create_index(
-            [("owner", ASCENDING), ("live_sha256", ASCENDING)],
-            unique=True,
-            partialFilterExpression={"live_sha256": {"$type": "string"}},
-            name=LIVE_CONTENT_INDEX,
-        )
+        for field in (IDEMPOTENCY_SLOT, CONTENT_SLOT):
+            self.col.create_index(field, name=field, unique=True, sparse=True)
         self.col.create_index(
             [("status", ASCENDING), ("updated_at", ASCENDING)], name="status_updated"
         )
         self.col.create_index([("outbox_due", ASCENDING)], name="outbox_due", sparse=True)
         existing = set(self.col.index_information())
-        if PRE_LIVE_CONTENT_INDEX in existing:
-            # Dropped only once every live record has its field: a start that dies half way
-            # through finds the old index still there and carries on.
-            self.mark_live_content()
-        unwanted = [*RETIRED_INDEXES, PRE_LIVE_CONTENT_INDEX]
+        if existing & set(PRE_SLOT_INDEXES):
+            self.fill_slots()
+        unwanted = [*RETIRED_INDEXES, *PRE_SLOT_INDEXES]
         if "secantusVersion" in self.col.database.client.admin.command("buildInfo"):
             unwanted += BROWSE_INDEXES
         else:
@@ -183,34 +179,51 @@ class DocumentRepository:
             if name in existing:
                 self.col.drop_index(name)
 
-    def mark_live_content(self) -> int:
-        """Give live records written before `live_sha256` existed their field, oldest first,
-        so that a repeated upload finds the first copy; a later copy of the same bytes stays
-        as it is (both were accepted) but is not what repeats are answered with. Returns how
-        many records were marked."""
-        marked = 0
+    def fill_slots(self) -> int:
+        """Give records written before the slots existed theirs, oldest first, so that a
+        repeated upload finds the first copy: a later live copy of the same bytes (a double
+        tap let both in) stays as it is but is not what repeats are answered with. Returns
+        how many slots were filled."""
+        live = [s.value for s in LIVE]
         pending = self.col.find(
-            {"status": {"$in": [s.value for s in LIVE]}, "live_sha256": {"$exists": False}},
-            {"sha256": 1},
+            {"$or": [
+                {"idempotency_key": {"$type": "string"}, IDEMPOTENCY_SLOT: {"$exists": False}},
+                {"status": {"$in": live}, CONTENT_SLOT: {"$exists": False}},
+            ]},
+            {"owner": 1, "idempotency_key": 1, "sha256": 1, "status": 1,
+             IDEMPOTENCY_SLOT: 1, CONTENT_SLOT: 1},
         ).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+        filled = 0
         for raw in pending:
-            try:
-                result = self.col.update_one(
-                    {"_id": raw["_id"], "status": {"$in": [s.value for s in LIVE]}},
-                    {"$set": {"live_sha256": raw["sha256"]}})
-            except DuplicateKeyError:
-                continue  # an older live copy of the same bytes holds the key
-            marked += result.modified_count
-        return marked
+            key = raw.get("idempotency_key")
+            if isinstance(key, str) and IDEMPOTENCY_SLOT not in raw:
+                filled += self._fill(raw["_id"], {}, IDEMPOTENCY_SLOT, slot(raw["owner"], key))
+            if raw.get("status") in live and CONTENT_SLOT not in raw:
+                filled += self._fill(raw["_id"], {"status": {"$in": live}}, CONTENT_SLOT,
+                                     slot(raw["owner"], raw["sha256"]))
+        return filled
+
+    def _fill(self, doc_id: str, condition: dict[str, Any], field: str, value: str) -> int:
+        try:
+            result = self.col.update_one({"_id": doc_id, field: {"$exists": False}, **condition},
+                                         {"$set": {field: value}})
+        except DuplicateKeyError:
+            return 0  # an older record holds the slot
+        return result.modified_count
 
     def insert(self, doc: Document, event: OutboxEvent | None = None) -> None:
         """Record an upload, with its event in the same write.
 
         Raises DuplicateIdempotencyKey or DuplicateContent, naming the record that won, when
         the owner already has a record under this Idempotency-Key or a live one with these
-        bytes (``doc.live_sha256``); the unique indexes decide, so of two concurrent uploads
-        exactly one is recorded."""
+        bytes; the unique indexes decide, so of two concurrent uploads exactly one is
+        recorded."""
         raw = {**doc.to_mongo(), "filename_folded": doc.filename.casefold()}
+        if doc.idempotency_key is not None:
+            raw[IDEMPOTENCY_SLOT] = slot(doc.owner, doc.idempotency_key)
+        live = doc.status in LIVE
+        if live:
+            raw[CONTENT_SLOT] = slot(doc.owner, doc.sha256)
         if event is not None:
             raw["outbox"] = [event.entry()]
             raw["outbox_due"] = utcnow() + self.outbox_grace
@@ -223,8 +236,8 @@ class DocumentRepository:
                     existing = self.by_idempotency_key(doc.owner, doc.idempotency_key)
                     if existing is not None:
                         raise DuplicateIdempotencyKey(existing) from None
-                if doc.live_sha256 is not None:
-                    existing = self.live_with_content(doc.owner, doc.live_sha256)
+                if live:
+                    existing = self.live_with_content(doc.owner, doc.sha256)
                     if existing is not None:
                         raise DuplicateContent(existing) from None
                 # The record we collided with failed or was deleted since: try again.
@@ -234,17 +247,13 @@ class DocumentRepository:
         raw = self.col.find_one({"_id": doc_id})
         return Document.model_validate(raw) if raw else None
 
-    # MongoDB answers both look-ups from their partial unique indexes. SecantusDB's planner
-    # passes partial indexes by (``explain``: COLLSCAN; hinted, its index scan is slower
-    # still), which is why the content look-up happens only after an insert collided.
-
     def live_with_content(self, owner: str, sha256: str) -> Document | None:
         """The owner's live document with these exact bytes, if any (a repeated upload)."""
-        raw = self.col.find_one({"owner": owner, "live_sha256": sha256})
+        raw = self.col.find_one({CONTENT_SLOT: slot(owner, sha256)})
         return Document.model_validate(raw) if raw else None
 
     def by_idempotency_key(self, owner: str, key: str) -> Document | None:
-        raw = self.col.find_one({"owner": owner, "idempotency_key": key})
+        raw = self.col.find_one({IDEMPOTENCY_SLOT: slot(owner, key)})
         return Document.model_validate(raw) if raw else None
 
     def finish(
@@ -268,13 +277,12 @@ class DocumentRepository:
         update: dict[str, Any] = {"$set": changes}
         if status not in LIVE:
             # A failed document's bytes may be uploaded again, as a new document.
-            update["$unset"] = {"live_sha256": ""}
+            update["$unset"] = {CONTENT_SLOT: ""}
         result = self.col.update_one({"_id": doc.id, "status": Status.PROCESSING.value},
                                      update)
         if result.modified_count != 1:
             return None
-        gone = {} if status in LIVE else {"live_sha256": None}
-        return doc.model_copy(update={**changes, **gone, "status": status})
+        return doc.model_copy(update={**changes, "status": status})
 
     def published(self, doc_id: str, event_id: str) -> None:
         """The broker confirmed the event: take it out of the record's outbox."""
@@ -351,7 +359,7 @@ class DocumentRepository:
                 "$set": {"status": Status.DELETED.value, "deleted_at": now, "deleted_by": by,
                          "updated_at": now, "wrapped_key": None},
                 "$unset": {"download_url_enc": "", "download_url_expires": "",
-                           "live_sha256": ""},
+                           CONTENT_SLOT: ""},
             },
             return_document=ReturnDocument.AFTER,
         )

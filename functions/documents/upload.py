@@ -186,8 +186,7 @@ def upload(svc: Services, request: Request) -> Response:
         _id=doc_id, owner=ident.user_id, filename=clean_filename(filename),
         declared_type=declared, size=writer.plaintext_size, sha256=sha256,
         status=Status.PROCESSING, created_at=now, updated_at=now, kind=kind,
-        wrapped_key=wrapped.to_doc(), idempotency_key=key, live_sha256=sha256,
-        upload_event_id=new_document_id(),
+        wrapped_key=wrapped.to_doc(), idempotency_key=key, upload_event_id=new_document_id(),
     )
     try:
         _record_and_announce(svc, doc)

@@ -214,8 +214,7 @@ def test_backup_verify_list_and_restore_into_a_fresh_installation(
         # The restore recreates the indexes (those SecantusDB's planner uses, see
         # DocumentRepository.ensure_indexes).
         assert set(fresh.svc.documents.col.index_information()) == {
-            "_id_", "owner_idempotency_key", "status_updated", "outbox_due",
-            "owner_live_sha256"}
+            "_id_", "idempotency_slot", "content_slot", "status_updated", "outbox_due"}
         for doc_id in contents.stored:
             restored_file = fresh.svc.blobs.path(Area.OBJECTS, doc_id).read_bytes()
             entry = next(f for f in manifest.objects if f.path.endswith(doc_id))
@@ -248,24 +247,23 @@ def test_restore_is_refused_into_a_used_installation_or_without_the_keys(
         assert not any(Path(stranger.svc.blobs.root, "objects").rglob("*"))
 
 
-def test_a_backup_from_before_live_content_answers_repeats_once_restored(
+def test_a_backup_from_before_the_slots_answers_repeats_once_restored(
     service_settings: Callable[..., Settings], other_installation: MakeInstall, tmp_path: Path,
 ) -> None:
     body = samples.pdf(samples.marker())
+    body_sha256 = hashlib.sha256(body).hexdigest()
     with serving(service_settings) as run, requests.Session() as http:
         doc_id = upload(http, run.base_url, body, "application/pdf").json()["id"]
         assert settled(http, run.base_url, doc_id)["status"] == "stored"
         outboxes_emptied(run)
-        # As versions before `live_sha256` wrote their records.
-        run.svc.documents.col.update_many({}, {"$unset": {"live_sha256": ""}})
+        # As versions before the slots wrote their records.
+        run.svc.documents.col.update_many({}, {"$unset": {"content_slot": ""}})
         manifest = create_backup(run.svc, str(tmp_path / "backups"))
         keys_dir = run.svc.settings.keys_dir
     with serving(service_settings, **other_installation(keys_from=keys_dir)) as fresh, \
             requests.Session() as http:
         restore_backup(fresh.svc, manifest.location)
-        restored = fresh.svc.documents.get(doc_id)
-        assert restored is not None
-        assert restored.live_sha256 == restored.sha256
+        assert fresh.svc.documents.live_with_content("driver-1", body_sha256) is not None
         again = upload(http, fresh.base_url, body, "application/pdf")
         assert (again.status_code, again.json()["id"]) == (200, doc_id)
 

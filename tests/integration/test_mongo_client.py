@@ -59,12 +59,13 @@ def test_documents_get_the_indexes_the_secantusdb_planner_uses(mongo: MongoServe
         DeliveryRepository(db).ensure_indexes()
         # Each index costs every write there, and no read or write of the pipeline uses these.
         assert set(db["documents"].index_information()) == {
-            "_id_", "owner_idempotency_key", "owner_live_sha256", "outbox_due",
-            "status_updated"}
+            "_id_", "idempotency_slot", "content_slot", "outbox_due", "status_updated"}
         assert not set(BROWSE_INDEXES) & set(RETIRED_INDEXES)
         assert set(db["deliveries"].index_information()) == {"_id_", "document"}
         # The reads the pipeline makes per document ride an index, not a collection scan.
-        for flt in ({"outbox_due": {"$lte": 1}}, {"_id": "x"}):
+        # An upload with an Idempotency-Key looks its slot up; a repeated one, its content's.
+        for flt in ({"outbox_due": {"$lte": 1}}, {"_id": "x"}, {"idempotency_slot": "1:u:k"},
+                    {"content_slot": "1:u:" + "0" * 64}):
             plan = db.command("explain", {"find": "documents", "filter": flt})
             assert "COLLSCAN" not in str(plan["queryPlanner"]["winningPlan"]), flt
     finally:

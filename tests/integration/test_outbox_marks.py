@@ -4,6 +4,7 @@ leaves the event to the relay, on the MongoDB wire server."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -38,7 +39,7 @@ def _recorded(repo: DocumentRepository) -> tuple[Document, OutboxEvent]:
     now = utcnow()
     event = OutboxEvent(id=unique("evt-"), payload='{"type": "uploaded"}')
     doc = Document(_id=unique("doc-"), owner="driver-1", filename="note.pdf",
-                   declared_type="application/pdf", size=3, sha256="0" * 64,
+                   declared_type="application/pdf", size=3, sha256=secrets.token_hex(32),
                    created_at=now, updated_at=now, wrapped_key={"provider": "local"},
                    upload_event_id=event.id)
     repo.insert(doc, event)

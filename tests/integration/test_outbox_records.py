@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -26,7 +27,7 @@ def repo(mongo: MongoServer) -> Iterator[DocumentRepository]:
 def _recorded(repo: DocumentRepository, event: OutboxEvent | None = UPLOADED) -> Document:
     now = utcnow()
     doc = Document(_id=unique("doc-"), owner="driver-1", filename="note.pdf",
-                   declared_type="application/pdf", size=3, sha256="0" * 64,
+                   declared_type="application/pdf", size=3, sha256=secrets.token_hex(32),
                    created_at=now, updated_at=now, wrapped_key={"provider": "local"},
                    upload_event_id=UPLOADED.id)
     repo.insert(doc, event)
