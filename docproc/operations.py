@@ -24,6 +24,7 @@ from events.runner import ATTEMPT_HEADER, DEAD_REASON_HEADER
 from events.subscriptions import ROUTES
 from shared.documents import Document, Status
 from shared.keys import KeyProvider, WrappedKey
+from shared.knative_dead_letters import COLLECTION as KNATIVE_DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class DeadLetters(Protocol):
 def dead_letters(svc: Services) -> DeadLetters:
     if svc.settings.amqp_url:
         return RabbitDeadLetters(svc.settings.amqp_url, svc.settings.amqp_prefix)
+    if svc.settings.k_sink:
+        # Deployed on Knative: its Triggers dead-letter into the sink's collection.
+        return KnativeDeadLetters(svc)
     return EmbeddedDeadLetters(svc)
 
 
@@ -153,6 +157,51 @@ class EmbeddedDeadLetters:
         if rows:
             self.dead.delete_many({"_id": {"$in": [r["_id"] for r in rows]}})
         return len(rows)
+
+
+class KnativeDeadLetters:
+    """What Knative's Triggers gave up on, as the dead-letter sink recorded it
+    (shared/knative_dead_letters.py). The sink keeps the event's attributes, not its data,
+    so a replay sends the document through storage again (as `docproc reprocess` does):
+    storage stores a document still `processing` and announces a finished one again, with
+    its original event id, which also redoes a lost notification; the notification's
+    delivery record keeps devices that already had it from a second push."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.col = svc.mongo.db[KNATIVE_DEAD_LETTERS]
+
+    def _find(self, fn: str, ids: set[str] | None) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"function": fn}
+        if ids is not None:
+            query["_id"] = {"$in": sorted(f"{fn}:{i}" for i in ids)}
+        return list(self.col.find(query).sort("first_at", 1))
+
+    def list(self, fn: str) -> list[DeadLetter]:
+        return [DeadLetter(id=str(r["event"].get("id", r["_id"])), function=fn,
+                           reason=f"Knative {r.get('error_code') or '?'} from "
+                                  f"{r.get('error_destination') or '?'}: {r.get('error') or ''}",
+                           attempts=int(r.get("deliveries", 1)), event=r["event"])
+                for r in self._find(fn, None)]
+
+    def replay(self, fn: str, ids: set[str] | None) -> int:
+        done = 0
+        for row in self._find(fn, ids):
+            subject = row["event"].get("subject")
+            doc = self.svc.documents.get(subject) if subject else None
+            if doc is None or doc.status == Status.DELETED:
+                # Nothing to send again: the letter stays for an operator to purge.
+                log.warning("dead letter %s: document %s is gone; not replayed", row["_id"],
+                            subject)
+                continue
+            self.svc.publish(uploaded_event(self.svc, doc))
+            self.col.delete_one({"_id": row["_id"]})
+            done += 1
+        return done
+
+    def purge(self, fn: str, ids: set[str] | None) -> int:
+        return self.col.delete_many({"_id": {"$in": [r["_id"] for r in self._find(fn, ids)]}}
+                                    ).deleted_count
 
 
 def check_function(fn: str) -> str:

@@ -14,11 +14,7 @@ Run with ``functions-framework --source knative/deadletters/main.py --target dea
 
 from __future__ import annotations
 
-import base64
-import binascii
-import logging
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 import flask
@@ -28,13 +24,8 @@ from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
 from shared.config import ConfigError, load_settings
+from shared.knative_dead_letters import COLLECTION, record
 from shared.mongo import MongoHandle, open_mongo
-
-log = logging.getLogger(__name__)
-
-COLLECTION = "knative_dead_letters"
-KEPT_ATTRIBUTES = ("id", "type", "source", "subject", "time", "dataschema", "traceparent")
-MAX_ERROR_TEXT = 1000
 
 _handle: MongoHandle | None = None
 _lock = threading.Lock()
@@ -52,41 +43,6 @@ def _collection() -> Collection[dict[str, Any]]:
                                       "MongoDB server")
                 _handle = open_mongo(settings)
     return _handle.db[COLLECTION]
-
-
-def _error_text(encoded: object) -> str | None:
-    """Knative sends the subscriber's response body base64-encoded."""
-    if not isinstance(encoded, str) or not encoded:
-        return None
-    try:
-        text = base64.b64decode(encoded, validate=True).decode(errors="replace")
-    except (binascii.Error, ValueError):
-        text = encoded
-    return text[:MAX_ERROR_TEXT]
-
-
-def record(collection: Collection[dict[str, Any]], function: str, event: CloudEvent) -> None:
-    """Store the dead letter once: a redelivery of the same one only counts up."""
-    attrs = event.get_attributes()
-    now = datetime.now(UTC)
-    collection.update_one(
-        {"_id": f"{function}:{attrs['id']}"},
-        {
-            "$setOnInsert": {
-                "function": function,
-                "event": {k: str(attrs[k]) for k in KEPT_ATTRIBUTES if attrs.get(k)},
-                "error_code": attrs.get("knativeerrorcode"),
-                "error_destination": attrs.get("knativeerrordest"),
-                "error": _error_text(attrs.get("knativeerrordata")),
-                "first_at": now,
-            },
-            "$set": {"last_at": now},
-            "$inc": {"deliveries": 1},
-        },
-        upsert=True,
-    )
-    log.warning("dead letter for %s: %s %s subject=%s code=%s", function, attrs.get("type"),
-                attrs["id"], attrs.get("subject"), attrs.get("knativeerrorcode"))
 
 
 @functions_framework.cloud_event
