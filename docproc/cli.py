@@ -156,6 +156,21 @@ def _reprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    svc = _services()
+    try:
+        older = svc.documents.pre_slot_indexes()
+        filled = svc.documents.finish_migration()
+    finally:
+        svc.close()
+    if not older:
+        print("nothing to migrate: the records are in this version's shape")
+    else:
+        print(f"filled {filled} uniqueness slot(s); dropped the older versions' indexes "
+              f"({', '.join(sorted(older))})")
+    return 0
+
+
 def _rotate_keys(args: argparse.Namespace) -> int:
     from docproc.operations import rewrap_all
     from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
@@ -329,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="every document stuck in this status")
     again.add_argument("--older-than", default="10m", help="age like 90s, 10m, 2h (10m)")
     again.set_defaults(func=_reprocess)
+
+    migrate = sub.add_parser("migrate", help="bring the records to this version's shape; "
+                             "run once no older version runs")
+    migrate.set_defaults(func=_migrate)
 
     keys = sub.add_parser("keys", help="manage keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -118,8 +118,10 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         marks=PublishedMarks(documents, settings.outbox_mark_linger_seconds),
         publisher=publisher,
     )
-    for repo in (svc.documents, svc.users, svc.deliveries, svc.audit):
-        repo.ensure_indexes()
+    # The embedded database is this process's alone: no older version can be writing to it.
+    svc.documents.ensure_indexes(migrate=not settings.mongodb_uri)
+    for other in (svc.users, svc.deliveries, svc.audit):
+        other.ensure_indexes()
     return svc
 
 

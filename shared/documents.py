@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -128,9 +129,15 @@ RETIRED_INDEXES = ("id_status", "id_outbox_due")
 # scans the collection for a partial one (bench/README.md, Findings 23).
 IDEMPOTENCY_SLOT = "idempotency_slot"
 CONTENT_SLOT = "content_slot"
-# Indexes of versions before the slots: where one is left, records are given their slots
-# (fill_slots) before it goes, so a start that dies half way carries on at the next.
+# Indexes of versions before the slots. While one is left, an older version may still write
+# records without slots (a Knative traffic split, or the other blue-green cluster on the same
+# database): look-ups fall back to what those versions query, and their indexes stay for
+# them. `docproc migrate`, run once no older version does, fills the slots and drops them
+# (finish_migration); the embedded installation, which no other process shares, does it at
+# start.
 PRE_SLOT_INDEXES = ("owner_idempotency_key", "owner_sha256_status")
+# How long a process goes by what it last saw of those indexes (a migration elsewhere).
+PRE_SLOT_RECHECK_SECONDS = 60.0
 # Attempts at recording an upload whose conflicting record keeps vanishing (deleted or failed
 # between our insert and our look-up); more than two would take a concurrent storm.
 INSERT_ATTEMPTS = 3
@@ -147,8 +154,10 @@ class DocumentRepository:
                  outbox_grace: timedelta = DEFAULT_OUTBOX_GRACE) -> None:
         self.col: Collection[dict[str, Any]] = db["documents"]
         self.outbox_grace = outbox_grace
+        self._pre_slot = False
+        self._pre_slot_checked = float("-inf")
 
-    def ensure_indexes(self) -> None:
+    def ensure_indexes(self, migrate: bool = False) -> None:
         """The indexes the queries need, for the planner of the server at hand.
 
         MongoDB answers a browse page by walking an index in the page's order, so it gets one
@@ -159,6 +168,7 @@ class DocumentRepository:
         bench/README.md). The conditional writes (``{_id, status}`` and the like) need none
         on either server: both look the ``_id`` up. Indexes the server at hand does not use
         are dropped, so an installation that moves between the two keeps only what it uses.
+        With ``migrate``, records from before the slots get theirs (finish_migration).
         """
         for field in (IDEMPOTENCY_SLOT, CONTENT_SLOT):
             self.col.create_index(field, name=field, unique=True, sparse=True)
@@ -167,9 +177,11 @@ class DocumentRepository:
         )
         self.col.create_index([("outbox_due", ASCENDING)], name="outbox_due", sparse=True)
         existing = set(self.col.index_information())
-        if existing & set(PRE_SLOT_INDEXES):
-            self.fill_slots()
-        unwanted = [*RETIRED_INDEXES, *PRE_SLOT_INDEXES]
+        self._pre_slot = bool(existing & set(PRE_SLOT_INDEXES))
+        self._pre_slot_checked = time.monotonic()
+        if migrate:
+            self.finish_migration()
+        unwanted = list(RETIRED_INDEXES)
         if "secantusVersion" in self.col.database.client.admin.command("buildInfo"):
             unwanted += BROWSE_INDEXES
         else:
@@ -178,6 +190,30 @@ class DocumentRepository:
         for name in unwanted:
             if name in existing:
                 self.col.drop_index(name)
+
+    def _pre_slot_records(self) -> bool:
+        """Whether records without slots may exist (an index of an older version is left)."""
+        now = time.monotonic()
+        if now - self._pre_slot_checked >= PRE_SLOT_RECHECK_SECONDS:
+            self._pre_slot = bool(self.pre_slot_indexes())
+            self._pre_slot_checked = now
+        return self._pre_slot
+
+    def pre_slot_indexes(self) -> set[str]:
+        return set(self.col.index_information()) & set(PRE_SLOT_INDEXES)
+
+    def finish_migration(self) -> int:
+        """Fill the slots of records written before them, then drop the older versions'
+        indexes; run once no older version writes (they would lose their unique index).
+        Interrupted, it is simply run again. Returns how many slots were filled."""
+        left = self.pre_slot_indexes()
+        if not left:
+            return 0  # done before (fill_slots alone serves a restore of an older backup)
+        filled = self.fill_slots()
+        for name in left:
+            self.col.drop_index(name)
+        self._pre_slot, self._pre_slot_checked = False, time.monotonic()
+        return filled
 
     def fill_slots(self) -> int:
         """Give records written before the slots existed theirs, oldest first, so that a
@@ -217,7 +253,8 @@ class DocumentRepository:
         Raises DuplicateIdempotencyKey or DuplicateContent, naming the record that won, when
         the owner already has a record under this Idempotency-Key or a live one with these
         bytes; the unique indexes decide, so of two concurrent uploads exactly one is
-        recorded."""
+        recorded. (Against records of older versions, which have no slots, it looks before it
+        inserts, as those versions did.)"""
         raw = {**doc.to_mongo(), "filename_folded": doc.filename.casefold()}
         if doc.idempotency_key is not None:
             raw[IDEMPOTENCY_SLOT] = slot(doc.owner, doc.idempotency_key)
@@ -227,6 +264,10 @@ class DocumentRepository:
         if event is not None:
             raw["outbox"] = [event.entry()]
             raw["outbox_due"] = utcnow() + self.outbox_grace
+        if live and self._pre_slot_records():
+            earlier = self.live_with_content(doc.owner, doc.sha256)
+            if earlier is not None:
+                raise DuplicateContent(earlier)
         for _ in range(INSERT_ATTEMPTS):
             try:
                 self.col.insert_one(raw)
@@ -250,10 +291,16 @@ class DocumentRepository:
     def live_with_content(self, owner: str, sha256: str) -> Document | None:
         """The owner's live document with these exact bytes, if any (a repeated upload)."""
         raw = self.col.find_one({CONTENT_SLOT: slot(owner, sha256)})
+        if raw is None and self._pre_slot_records():
+            raw = self.col.find_one(
+                {"owner": owner, "sha256": sha256, "status": {"$in": [s.value for s in LIVE]}},
+                sort=[("created_at", ASCENDING)])
         return Document.model_validate(raw) if raw else None
 
     def by_idempotency_key(self, owner: str, key: str) -> Document | None:
         raw = self.col.find_one({IDEMPOTENCY_SLOT: slot(owner, key)})
+        if raw is None and self._pre_slot_records():
+            raw = self.col.find_one({"owner": owner, "idempotency_key": key})
         return Document.model_validate(raw) if raw else None
 
     def finish(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,16 +133,24 @@ def test_rejected_stays_the_answer_failed_and_deleted_free_the_bytes(
     assert repo.col.count_documents({CONTENT_SLOT: {"$exists": True}}) == 2
 
 
-def test_an_older_installation_gets_its_slots_filled_once(repo: DocumentRepository) -> None:
-    # As earlier versions left it: no slots anywhere, their two owner-and-value indexes,
-    # and two live copies of the same bytes that a double tap let in.
-    for name in (IDEMPOTENCY_SLOT, CONTENT_SLOT):
-        repo.col.drop_index(name)
+def _as_an_older_version(repo: DocumentRepository) -> DocumentRepository:
+    """The indexes versions before the slots made, and a process of this version starting
+    on that database."""
     repo.col.create_index([("owner", 1), ("idempotency_key", 1)], name=PRE_SLOT_INDEXES[0],
                           unique=True,
                           partialFilterExpression={"idempotency_key": {"$type": "string"}})
     repo.col.create_index([("owner", 1), ("sha256", 1), ("status", 1)],
                           name=PRE_SLOT_INDEXES[1])
+    started = DocumentRepository(repo.col.database)
+    started.ensure_indexes()
+    return started
+
+
+def test_beside_an_older_version_its_records_still_count(repo: DocumentRepository) -> None:
+    # A traffic split or the other blue-green cluster: an older version writes records
+    # without slots into the same database, among them two live copies of the same bytes
+    # (its look-before-insert let a double tap through).
+    repo = _as_an_older_version(repo)
     first = _doc(BYTES_A, age=timedelta(minutes=5), status=Status.STORED)
     second = _doc(BYTES_A, key="tap-2", age=timedelta(minutes=1), status=Status.STORED)
     other = _doc(BYTES_B, age=timedelta(minutes=3), status=Status.REJECTED)
@@ -149,18 +158,66 @@ def test_an_older_installation_gets_its_slots_filled_once(repo: DocumentReposito
     for doc in (second, first, other, failed):
         repo.col.insert_one(doc.to_mongo())
 
-    repo.ensure_indexes()
+    assert set(PRE_SLOT_INDEXES) <= set(repo.col.index_information())  # theirs, kept
+    assert repo.by_idempotency_key("driver-1", "tap-3") == repo.get(failed.id)
+    assert repo.live_with_content("driver-1", BYTES_B) == repo.get(other.id)
+    with pytest.raises(DuplicateIdempotencyKey) as retried:
+        repo.insert(_doc("d" * 64, key="tap-2"))  # a retry of their upload, reaching us
+    assert retried.value.existing.id == second.id
+    with pytest.raises(DuplicateContent) as repeated:
+        repo.insert(_doc(BYTES_A))
+    assert repeated.value.existing.id == first.id  # the oldest copy answers repeats
+    assert repo.col.count_documents({}) == 4
+
+
+def test_migrate_fills_the_slots_once_no_older_version_runs(
+    repo: DocumentRepository, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from docproc.cli import main
+
+    repo = _as_an_older_version(repo)
+    first = _doc(BYTES_A, age=timedelta(minutes=5), status=Status.STORED)
+    second = _doc(BYTES_A, key="tap-2", age=timedelta(minutes=1), status=Status.STORED)
+    other = _doc(BYTES_B, age=timedelta(minutes=3), status=Status.REJECTED)
+    failed = _doc("c" * 64, key="tap-3", status=Status.FAILED)
+    for doc in (second, first, other, failed):
+        repo.col.insert_one(doc.to_mongo())
+
+    client = repo.col.database.client
+    address = client.address
+    assert address is not None
+    monkeypatch.setenv("MONGODB_URI", f"mongodb://{address[0]}:{address[1]}/")
+    monkeypatch.setenv("MONGODB_DATABASE", repo.col.database.name)
+    monkeypatch.setenv("DOCPROC_DATA_DIR", str(tmp_path / "data"))
+    for name in ("AMQP_URL", "REDIS_URL", "K_SINK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["migrate"]) == 0
+    assert "filled 4 uniqueness slot(s)" in capsys.readouterr().out
+
     slots = {raw["_id"]: (raw.get(IDEMPOTENCY_SLOT), raw.get(CONTENT_SLOT))
              for raw in repo.col.find({})}
     assert slots == {
         first.id: (None, slot("driver-1", BYTES_A)),
-        second.id: (slot("driver-1", "tap-2"), None),  # the older copy answers repeats
+        second.id: (slot("driver-1", "tap-2"), None),  # the older copy holds the content
         other.id: (None, slot("driver-1", BYTES_B)),
         failed.id: (slot("driver-1", "tap-3"), None),
     }
     assert not set(PRE_SLOT_INDEXES) & set(repo.col.index_information())
-    with pytest.raises(DuplicateContent) as refused:
-        repo.insert(_doc(BYTES_A))
-    assert refused.value.existing.id == first.id
-    assert repo.by_idempotency_key("driver-1", "tap-3") == repo.get(failed.id)
-    assert repo.fill_slots() == 0  # filling again changes nothing
+    assert main(["migrate"]) == 0
+    assert "nothing to migrate" in capsys.readouterr().out
+    # The slots alone answer now: a process that saw the old indexes notices within a minute.
+    fresh = DocumentRepository(repo.col.database)
+    with pytest.raises(DuplicateContent) as repeated:
+        fresh.insert(_doc(BYTES_A))
+    assert repeated.value.existing.id == first.id
+    assert fresh.by_idempotency_key("driver-1", "tap-3") == fresh.get(failed.id)
+
+
+def test_the_embedded_installation_migrates_at_start(repo: DocumentRepository) -> None:
+    repo = _as_an_older_version(repo)
+    repo.col.insert_one(_doc(BYTES_A, key="k", status=Status.STORED).to_mongo())
+    DocumentRepository(repo.col.database).ensure_indexes(migrate=True)
+    assert not set(PRE_SLOT_INDEXES) & set(repo.col.index_information())
+    assert repo.col.count_documents({IDEMPOTENCY_SLOT: {"$exists": True},
+                                     CONTENT_SLOT: {"$exists": True}}) == 1
