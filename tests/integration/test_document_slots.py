@@ -146,17 +146,23 @@ def _as_an_older_version(repo: DocumentRepository) -> DocumentRepository:
     return started
 
 
-def test_beside_an_older_version_its_records_still_count(repo: DocumentRepository) -> None:
-    # A traffic split or the other blue-green cluster: an older version writes records
-    # without slots into the same database, among them two live copies of the same bytes
-    # (its look-before-insert let a double tap through).
-    repo = _as_an_older_version(repo)
+def _older_versions_records(repo: DocumentRepository) -> tuple[Document, ...]:
+    """Records as an older version writes them: without slots, and among them two live
+    copies of the same bytes (its look-before-insert let a double tap through)."""
     first = _doc(BYTES_A, age=timedelta(minutes=5), status=Status.STORED)
     second = _doc(BYTES_A, key="tap-2", age=timedelta(minutes=1), status=Status.STORED)
     other = _doc(BYTES_B, age=timedelta(minutes=3), status=Status.REJECTED)
     failed = _doc("c" * 64, key="tap-3", status=Status.FAILED)
     for doc in (second, first, other, failed):
         repo.col.insert_one(doc.to_mongo())
+    return first, second, other, failed
+
+
+def test_beside_an_older_version_its_records_still_count(repo: DocumentRepository) -> None:
+    # A traffic split or the other blue-green cluster: an older version writes records
+    # into the same database while this one runs.
+    repo = _as_an_older_version(repo)
+    first, second, other, failed = _older_versions_records(repo)
 
     assert set(PRE_SLOT_INDEXES) <= set(repo.col.index_information())  # theirs, kept
     assert repo.by_idempotency_key("driver-1", "tap-3") == repo.get(failed.id)
@@ -177,12 +183,7 @@ def test_migrate_fills_the_slots_once_no_older_version_runs(
     from docproc.cli import main
 
     repo = _as_an_older_version(repo)
-    first = _doc(BYTES_A, age=timedelta(minutes=5), status=Status.STORED)
-    second = _doc(BYTES_A, key="tap-2", age=timedelta(minutes=1), status=Status.STORED)
-    other = _doc(BYTES_B, age=timedelta(minutes=3), status=Status.REJECTED)
-    failed = _doc("c" * 64, key="tap-3", status=Status.FAILED)
-    for doc in (second, first, other, failed):
-        repo.col.insert_one(doc.to_mongo())
+    first, second, other, failed = _older_versions_records(repo)
 
     client = repo.col.database.client
     address = client.address
