@@ -164,7 +164,7 @@ def _migrate(args: argparse.Namespace) -> int:
     finally:
         svc.close()
     if not older:
-        print("nothing to migrate: the records are in this version's shape")
+        print("nothing left to migrate: the records are in this version's shape")
     else:
         print(f"filled {filled} uniqueness slot(s); dropped the older versions' indexes "
               f"({', '.join(sorted(older))})")

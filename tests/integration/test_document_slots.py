@@ -206,7 +206,7 @@ def test_migrate_fills_the_slots_once_no_older_version_runs(
     }
     assert not set(PRE_SLOT_INDEXES) & set(repo.col.index_information())
     assert main(["migrate"]) == 0
-    assert "nothing to migrate" in capsys.readouterr().out
+    assert "nothing left to migrate" in capsys.readouterr().out
     # The slots alone answer now: a process that saw the old indexes notices within a minute.
     fresh = DocumentRepository(repo.col.database)
     with pytest.raises(DuplicateContent) as repeated:
