@@ -29,6 +29,7 @@ KINDS = ("proof_of_delivery", "bill_of_lading", "receipt", "photo", "other")
 # The outcomes a repeated upload of the same bytes is answered with (the existing document)
 # rather than recorded again; a failed or deleted document's bytes may be uploaded anew.
 LIVE = (Status.PROCESSING, Status.STORED, Status.REJECTED)
+LIVE_VALUES = [s.value for s in LIVE]  # as stored, for queries
 
 
 class Document(BaseModel):
@@ -157,6 +158,10 @@ class DocumentRepository:
         self._pre_slot = False
         self._pre_slot_checked = float("-inf")
 
+    def _saw_pre_slot(self, indexes: set[str]) -> None:
+        self._pre_slot = bool(indexes & set(PRE_SLOT_INDEXES))
+        self._pre_slot_checked = time.monotonic()
+
     def ensure_indexes(self, migrate: bool = False) -> None:
         """The indexes the queries need, for the planner of the server at hand.
 
@@ -177,9 +182,8 @@ class DocumentRepository:
         )
         self.col.create_index([("outbox_due", ASCENDING)], name="outbox_due", sparse=True)
         existing = set(self.col.index_information())
-        self._pre_slot = bool(existing & set(PRE_SLOT_INDEXES))
-        self._pre_slot_checked = time.monotonic()
-        if migrate:
+        self._saw_pre_slot(existing)
+        if migrate and self._pre_slot:
             self.finish_migration()
         unwanted = list(RETIRED_INDEXES)
         if "secantusVersion" in self.col.database.client.admin.command("buildInfo"):
@@ -193,10 +197,8 @@ class DocumentRepository:
 
     def _pre_slot_records(self) -> bool:
         """Whether records without slots may exist (an index of an older version is left)."""
-        now = time.monotonic()
-        if now - self._pre_slot_checked >= PRE_SLOT_RECHECK_SECONDS:
-            self._pre_slot = bool(self.pre_slot_indexes())
-            self._pre_slot_checked = now
+        if time.monotonic() - self._pre_slot_checked >= PRE_SLOT_RECHECK_SECONDS:
+            self._saw_pre_slot(self.pre_slot_indexes())
         return self._pre_slot
 
     def pre_slot_indexes(self) -> set[str]:
@@ -212,7 +214,7 @@ class DocumentRepository:
         filled = self.fill_slots()
         for name in left:
             self.col.drop_index(name)
-        self._pre_slot, self._pre_slot_checked = False, time.monotonic()
+        self._saw_pre_slot(set())
         return filled
 
     def fill_slots(self) -> int:
@@ -220,11 +222,10 @@ class DocumentRepository:
         repeated upload finds the first copy: a later live copy of the same bytes (a double
         tap let both in) stays as it is but is not what repeats are answered with. Returns
         how many slots were filled."""
-        live = [s.value for s in LIVE]
         pending = self.col.find(
             {"$or": [
                 {"idempotency_key": {"$type": "string"}, IDEMPOTENCY_SLOT: {"$exists": False}},
-                {"status": {"$in": live}, CONTENT_SLOT: {"$exists": False}},
+                {"status": {"$in": LIVE_VALUES}, CONTENT_SLOT: {"$exists": False}},
             ]},
             {"owner": 1, "idempotency_key": 1, "sha256": 1, "status": 1,
              IDEMPOTENCY_SLOT: 1, CONTENT_SLOT: 1},
@@ -234,8 +235,8 @@ class DocumentRepository:
             key = raw.get("idempotency_key")
             if isinstance(key, str) and IDEMPOTENCY_SLOT not in raw:
                 filled += self._fill(raw["_id"], {}, IDEMPOTENCY_SLOT, slot(raw["owner"], key))
-            if raw.get("status") in live and CONTENT_SLOT not in raw:
-                filled += self._fill(raw["_id"], {"status": {"$in": live}}, CONTENT_SLOT,
+            if raw.get("status") in LIVE_VALUES and CONTENT_SLOT not in raw:
+                filled += self._fill(raw["_id"], {"status": {"$in": LIVE_VALUES}}, CONTENT_SLOT,
                                      slot(raw["owner"], raw["sha256"]))
         return filled
 
@@ -293,7 +294,7 @@ class DocumentRepository:
         raw = self.col.find_one({CONTENT_SLOT: slot(owner, sha256)})
         if raw is None and self._pre_slot_records():
             raw = self.col.find_one(
-                {"owner": owner, "sha256": sha256, "status": {"$in": [s.value for s in LIVE]}},
+                {"owner": owner, "sha256": sha256, "status": {"$in": LIVE_VALUES}},
                 sort=[("created_at", ASCENDING)])
         return Document.model_validate(raw) if raw else None
 
