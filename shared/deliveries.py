@@ -19,6 +19,9 @@ from shared.documents import utcnow
 
 RELEASED = datetime(1970, 1, 1, tzinfo=UTC)
 COMPLETED = datetime(9999, 1, 1, tzinfo=UTC)
+# Indexes earlier versions made that nothing queries: the claim's whole filter
+# ({_id, lease_until}; both servers look the `_id` up without it) and `document_id`.
+RETIRED_INDEXES = ("id_lease", "document")
 
 
 class DeliveryInProgress(Exception):
@@ -37,11 +40,13 @@ class DeliveryRepository:
         self.col: Collection[dict[str, Any]] = db["deliveries"]
 
     def ensure_indexes(self) -> None:
-        self.col.create_index("document_id", name="document")
-        # An earlier version indexed the claim's filter whole ({_id, lease_until}); both
-        # servers look the `_id` up without it, so it only cost every write.
-        if "id_lease" in self.col.index_information():
-            self.col.drop_index("id_lease")
+        """Only `_id`: every read and write of a delivery names its key. Each further index
+        costs both of a push's writes (bench/README.md, Findings 26), so the ones earlier
+        versions made are dropped."""
+        existing = set(self.col.index_information())
+        for name in RETIRED_INDEXES:
+            if name in existing:
+                self.col.drop_index(name)
 
     def claim(self, key: str, document_id: str, owner: str, lease: float) -> Delivery:
         now = utcnow()
