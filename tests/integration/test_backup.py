@@ -1,4 +1,4 @@
-"""Backups (docproc/backup.py) of a running pipeline on the real services, restored into a
+"""Backups (docproc/backup/) of a running pipeline on the real services, restored into a
 second, independent installation on the same servers; to a local directory and to S3 (moto
 stands in for S3 only: RabbitMQ, Redis and the MongoDB wire server stay real)."""
 
