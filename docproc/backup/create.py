@@ -23,7 +23,7 @@ from docproc.backup.manifest import (
     load_manifest,
 )
 from docproc.backup.progress import Progress, noop
-from docproc.backup.records import JSON, collections
+from docproc.backup.records import JSON, backed_up_collections
 from docproc.backup.stores import HashingReader, Store, object_rel, open_store
 from docproc.runtime import Services
 from shared.blobstore import Area
@@ -60,7 +60,7 @@ def create_backup(svc: Services, dest: str, *, progress: Progress | None = None)
         stored_ids = Path(tmp, "stored-ids")
         # 1. The MongoDB export: the point in time this backup represents.
         with stored_ids.open("w", encoding="ascii") as stored_out:
-            for name, col in collections(svc).items():
+            for name, col in backed_up_collections(svc).items():
                 export = Path(tmp, f"{name}.jsonl")
                 n = 0
                 with export.open("w", encoding="utf-8") as out:

@@ -18,7 +18,9 @@ from docproc.runtime import Services
 JSON: Final = json_util.CANONICAL_JSON_OPTIONS.with_options(tz_aware=True, tzinfo=UTC)
 
 
-def collections(svc: Services) -> dict[str, Collection[dict[str, Any]]]:
+def backed_up_collections(svc: Services) -> dict[str, Collection[dict[str, Any]]]:
+    """The collections a backup holds, in the order they are exported (the package
+    docstring, "Consistency": documents before users)."""
     return {"documents": svc.documents.col, "users": svc.users.col, "audit": svc.audit.col,
             "deliveries": svc.deliveries.col}
 

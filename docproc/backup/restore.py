@@ -14,7 +14,7 @@ from pymongo.collection import Collection
 from docproc.backup.errors import BackupError, RestoreRefused
 from docproc.backup.manifest import COLLECTIONS, FileEntry, Manifest, RestoreReport, load_manifest
 from docproc.backup.progress import Progress, noop
-from docproc.backup.records import collections, decode, lines
+from docproc.backup.records import backed_up_collections, decode, lines
 from docproc.backup.stores import COPY_BUFFER, HashingReader, Store, object_id, open_store
 from docproc.runtime import Services
 from shared.blobstore import Area
@@ -66,7 +66,7 @@ def restore_backup(svc: Services, src: str, *,
                     say(f"restored {len(written_objects)} of {len(objects)} objects")
             report.objects = len(written_objects)
             say(f"restored {report.objects} objects")
-            cols = collections(svc)
+            cols = backed_up_collections(svc)
             for name in COLLECTIONS:
                 report.collections[name] = _insert_records(
                     cols[name], exports[name], inserted[name], report,
@@ -85,7 +85,7 @@ def restore_backup(svc: Services, src: str, *,
 
 
 def _require_empty(svc: Services) -> None:
-    busy = [f"collection {name!r}" for name, col in collections(svc).items()
+    busy = [f"collection {name!r}" for name, col in backed_up_collections(svc).items()
             if col.find_one({}, projection={"_id": 1}) is not None]
     objects_dir = Path(svc.blobs.root, Area.OBJECTS.value)
     if any(names for _, _, names in os.walk(objects_dir)):
@@ -187,7 +187,7 @@ def _insert_records(col: Collection[dict[str, Any]], export: Path, inserted: lis
 
 def _roll_back(svc: Services, objects: list[str], inserted: dict[str, list[Any]]) -> None:
     """Remove what a failed restore wrote, so the target is empty again for the next try."""
-    cols = collections(svc)
+    cols = backed_up_collections(svc)
     for name, ids in inserted.items():
         for start in range(0, len(ids), _INSERT_BATCH):
             cols[name].delete_many({"_id": {"$in": ids[start:start + _INSERT_BATCH]}})
