@@ -17,7 +17,6 @@ import pytest
 from PIL import Image, ImageFile
 from pypdf.filters import FlateDecode
 
-from shared import inspection
 from shared.inspection import (
     MAX_IMAGE_PIXELS,
     SNIFF_BYTES,
@@ -25,6 +24,7 @@ from shared.inspection import (
     extract_metadata,
     sniff,
 )
+from shared.inspection import pdf as inspection_pdf
 from tests import hostile_samples as hostile
 from tests import samples
 
@@ -362,7 +362,7 @@ def test_pdf_with_an_encryption_scheme_pypdf_lacks_is_rejected() -> None:
 def test_pdf_with_more_pages_than_the_page_tree_limit_is_rejected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(inspection, "_PDF_MAX_PAGE_TREE_ENTRIES", 50)
+    monkeypatch.setattr(inspection_pdf, "_PDF_MAX_PAGE_TREE_ENTRIES", 50)
     assert inspect(PDF, hostile.pdf_pages(50)) == {"pages": 50}
     assert rejection(PDF, hostile.pdf_pages(60)).startswith(TOO_COMPLEX)
 
@@ -370,7 +370,7 @@ def test_pdf_with_more_pages_than_the_page_tree_limit_is_rejected(
 def test_pdf_needing_more_reads_than_the_walk_budget_is_rejected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(inspection, "_PDF_WALK_BUDGET", 100)
+    monkeypatch.setattr(inspection_pdf, "_PDF_WALK_BUDGET", 100)
     assert inspect(PDF, hostile.pdf_pages(10, links_per_page=5)) == {"pages": 10}
     assert rejection(PDF, hostile.pdf_pages(10, links_per_page=20)).startswith(TOO_COMPLEX)
 
@@ -378,7 +378,7 @@ def test_pdf_needing_more_reads_than_the_walk_budget_is_rejected(
 def test_annotations_walked_do_not_accumulate_in_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(inspection, "_PDF_WALK_CACHED", 100)
+    monkeypatch.setattr(inspection_pdf, "_PDF_WALK_CACHED", 100)
     few = measured(PDF, hostile.pdf_pages(200, links_per_page=1))
     many = measured(PDF, hostile.pdf_pages(200, links_per_page=20))
     assert few.metadata == many.metadata == {"pages": 200}

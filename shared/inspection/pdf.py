@@ -1,0 +1,284 @@
+"""PDFs: reading the structure with pypdf under tight limits, and the walk that finds
+active content (JavaScript, launch actions, embedded files, rich media, XFA forms)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import struct
+import zlib
+from contextlib import AbstractContextManager
+from typing import Any, BinaryIO, Final
+
+from pypdf import PasswordType, PdfReader
+from pypdf.errors import DependencyError, LimitReachedError, PyPdfError
+from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject
+
+from shared.inspection.errors import InvalidDocument
+
+# The package's name, as when this was one module: log records keep their logger name.
+log = logging.getLogger("shared.inspection")
+
+# Reasons shown to users. The "corrupt PDF" prefix predates the inspection's hardening and
+# is matched by clients and tests, so it is kept.
+_PDF_JAVASCRIPT: Final = "PDF contains JavaScript"
+_PDF_LAUNCH: Final = "PDF launches external programs"
+_PDF_EMBEDDED: Final = "PDF has embedded files"
+_PDF_XFA: Final = "PDF contains an XFA form"
+_PDF_RICH_MEDIA: Final = "PDF contains rich media (Flash, video or 3D)"
+_PDF_ENCRYPTED: Final = "encrypted PDF cannot be inspected"
+_PDF_TOO_COMPLEX: Final = "PDF is too complex to inspect"
+_PDF_UNSUPPORTED: Final = "PDF uses a feature that cannot be inspected"
+
+# What pypdf may inflate while reading the structure (cross-reference and object streams;
+# content streams are never decoded). Legitimate object streams are well under 1 MiB.
+_PDF_MAX_DECODED: Final = 16 * 1024 * 1024
+# Objects read while looking for active content; a document needing more is refused
+# rather than inspected for an unbounded time.
+_PDF_WALK_BUDGET: Final = 200_000
+_PDF_WALK_CACHED: Final = 1_000  # of those, how many pypdf may keep cached at a time
+# pypdf holds every page of the flattened page tree in memory (2-5 KB each), and a page
+# costs a hostile file about 50 bytes: this many entries (pages and intermediate nodes) is
+# ample for real documents and keeps that memory in the tens of MB.
+_PDF_MAX_PAGE_TREE_ENTRIES: Final = 20_000
+
+
+def _pdf_limits() -> AbstractContextManager[object]:
+    """pypdf limits for this inspection only (a context variable, so other threads and other
+    users of pypdf keep theirs): inflate little, since only structure is read."""
+    try:
+        from pypdf import Configuration, apply_configuration
+    except ImportError:  # pypdf < 6.18 has no per-context limits; its 75 MB defaults apply
+        return contextlib.nullcontext()
+    wanted = {"zlib_maximum_output_length": _PDF_MAX_DECODED,
+              "lzw_maximum_output_length": _PDF_MAX_DECODED,
+              "run_length_maximum_output_length": _PDF_MAX_DECODED,
+              "brotli_maximum_output_length": _PDF_MAX_DECODED,
+              "array_based_stream_maximum_output_length": _PDF_MAX_DECODED,
+              "stream_decoding_work_maximum_length": 4 * _PDF_MAX_DECODED,
+              "page_tree_maximum_entries": _PDF_MAX_PAGE_TREE_ENTRIES}
+    known = {field.name for field in dataclasses.fields(Configuration)}
+    overrides: dict[str, Any] = {k: v for k, v in wanted.items() if k in known}
+    return apply_configuration(None, **overrides)
+
+
+def pdf_metadata(stream: BinaryIO) -> dict[str, Any]:
+    try:
+        with _pdf_limits():
+            stream.seek(0)
+            reader = PdfReader(stream, strict=False)
+            metadata: dict[str, Any] = {}
+            if reader.is_encrypted:
+                # Decision: a PDF that opens without a password (an "owner password" only
+                # restricts printing or editing) opens without a prompt in every viewer, so
+                # it is inspected like any other. One that needs a password cannot be looked
+                # into (strings, streams and object streams are encrypted), and accepting it
+                # unchecked would let active content through, so it is refused.
+                if _decrypt_without_password(reader) == PasswordType.NOT_DECRYPTED:
+                    raise InvalidDocument(_PDF_ENCRYPTED)
+                metadata["encrypted"] = True
+            # Counting pages walks the page tree (dictionaries only); no content stream is
+            # decoded, so a stream that would inflate to gigabytes is never inflated.
+            metadata["pages"] = len(reader.pages)
+            reason = _pdf_active_content(reader)
+            if reason is not None:
+                raise InvalidDocument(reason)
+            return metadata
+    except InvalidDocument:
+        raise
+    except LimitReachedError as exc:
+        raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: {exc}") from exc
+    except NotImplementedError as exc:
+        # pypdf reads the encryption dictionary on opening and refuses schemes it lacks
+        # (certificate or third-party security handlers), as it does unknown filters.
+        raise InvalidDocument(f"{_PDF_UNSUPPORTED}: {exc}") from exc
+    # Broken input surfaces from pypdf's parser in many shapes, asserts included. Stream
+    # failures of the decrypting view (EnvelopeError) are none of these and propagate.
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+            AssertionError, RecursionError, struct.error, zlib.error) as exc:
+        raise InvalidDocument(f"corrupt PDF: {exc}") from exc
+
+
+def _decrypt_without_password(reader: PdfReader) -> PasswordType:
+    try:
+        return reader.decrypt("")
+    except (DependencyError, NotImplementedError) as exc:
+        # An encryption scheme pypdf cannot handle is one we cannot inspect.
+        log.info("PDF encryption not supported: %s", exc)
+        return PasswordType.NOT_DECRYPTED
+
+
+class _PdfWalk:
+    """Visits PDF objects at most once per role, within a budget, resolving references
+    lazily; a reference loop or a huge structure therefore cannot keep it busy."""
+
+    def __init__(self, reader: PdfReader) -> None:
+        self._budget = _PDF_WALK_BUDGET
+        self._seen: set[tuple[str, int, int]] = set()
+        self.todo: list[tuple[str, Any]] = []
+        # pypdf keeps every object it reads (a few KB each once parsed); the walk drops what
+        # it added every so often, so memory does not grow with the number of objects.
+        self._cache: dict[tuple[Any, Any], Any] = reader.resolved_objects
+        self._added: list[tuple[int, int]] = []
+
+    def open(self, role: str, value: Any) -> Any:
+        """The object ``value`` refers to, or None if it was already visited in this role."""
+        if not isinstance(value, IndirectObject):
+            return value  # already parsed as part of its container: nothing to read
+        key = (role, value.idnum, value.generation)
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        # Only reading objects costs time; a budget on reads bounds the whole walk.
+        self._budget -= 1
+        if self._budget < 0:
+            raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: more than {_PDF_WALK_BUDGET} objects")
+        if len(self._added) >= _PDF_WALK_CACHED:
+            # Objects still in use stay alive through their references; only pypdf's cache
+            # lets go of them (it reads them again if ever asked).
+            for cached in self._added:
+                self._cache.pop(cached, None)
+            self._added.clear()
+        cache_key = (value.generation, value.idnum)
+        if cache_key not in self._cache:
+            self._added.append(cache_key)
+        return value.get_object()
+
+    def dictionary(self, role: str, value: Any) -> DictionaryObject | None:
+        obj = self.open(role, value)
+        return obj if isinstance(obj, DictionaryObject) else None
+
+    def items(self, role: str, value: Any) -> list[Any]:
+        """The elements of an array (or the single object where one is allowed)."""
+        obj = self.open(role, value)
+        if isinstance(obj, ArrayObject):
+            return list(obj)
+        return [] if obj is None else [obj]
+
+    def tree_has_entries(self, role: str, value: Any) -> bool:
+        """Whether a name tree (/JavaScript, /EmbeddedFiles) holds at least one entry."""
+        nodes = [value]
+        while nodes:
+            node = self.dictionary(role, nodes.pop())
+            if node is None:
+                continue
+            if self.items(role + "/Names", _entry(node, "/Names")):
+                return True
+            nodes.extend(self.items(role + "/Kids", _entry(node, "/Kids")))
+        return False
+
+    def drain(self) -> str | None:
+        """Check everything queued; the reason to reject, if any."""
+        while self.todo:
+            role, value = self.todo.pop()
+            if role == "action":
+                for item in self.items("action-list", value):
+                    reason = self._action(item)
+                    if reason is not None:
+                        return reason
+            elif role == "triggers":  # /AA: trigger name -> action
+                triggers = self.dictionary(role, value)
+                if triggers is not None:
+                    self.todo.extend(("action", _entry(triggers, key)) for key in triggers)
+            elif role == "annots":
+                self.todo.extend(("annot", item) for item in self.items(role, value))
+            elif role == "files":  # /AF: associated files (PDF 2.0)
+                for item in self.items(role, value):
+                    spec = self.dictionary("filespec", item)
+                    if spec is not None and "/EF" in spec:
+                        return _PDF_EMBEDDED
+            else:
+                reason = self._node(role, value)
+                if reason is not None:
+                    return reason
+        return None
+
+    def _node(self, role: str, value: Any) -> str | None:
+        node = self.dictionary(role, value)
+        if node is None:
+            return None
+        if role == "annot":
+            subtype = self.open("name", _entry(node, "/Subtype"))
+            if subtype == "/FileAttachment":
+                return _PDF_EMBEDDED
+            if subtype in ("/RichMedia", "/3D"):
+                return _PDF_RICH_MEDIA
+            # A widget's field may carry actions without being listed in /AcroForm.
+            self.todo.append(("field", _entry(node, "/Parent")))
+        elif role == "field":
+            self.todo.extend(("field", kid) for kid in self.items("kids", _entry(node, "/Kids")))
+        elif role == "outline":  # bookmarks: siblings by /Next, children by /First
+            self.todo.append(("outline", _entry(node, "/Next")))
+            self.todo.append(("outline", _entry(node, "/First")))
+        self.todo.append(("action", _entry(node, "/A")))
+        self.todo.append(("triggers", _entry(node, "/AA")))
+        return None
+
+    def _action(self, value: Any) -> str | None:
+        action = self.dictionary("action", value)
+        if action is None:
+            return None  # absent, already checked, or a destination array
+        kind = self.open("name", _entry(action, "/S"))
+        if kind in ("/JavaScript", "/JS") or "/JS" in action:  # also a Rendition's /JS
+            return _PDF_JAVASCRIPT
+        if kind == "/Launch":
+            return _PDF_LAUNCH
+        if kind == "/RichMediaExecute":
+            return _PDF_RICH_MEDIA
+        if kind == "/URI" and _is_javascript_uri(self.open("uri", _entry(action, "/URI"))):
+            return _PDF_JAVASCRIPT
+        self.todo.append(("action", _entry(action, "/Next")))  # an action or an array
+        return None
+
+
+def _entry(dictionary: DictionaryObject, key: str) -> Any:
+    """The raw (unresolved) value of ``key``, or None; pypdf's raw_get raises when absent."""
+    return dict.get(dictionary, key)
+
+
+def _is_javascript_uri(uri: Any) -> bool:
+    if isinstance(uri, bytes):
+        uri = uri.decode("latin-1")
+    if not isinstance(uri, str):
+        return False
+    # Browsers ignore leading whitespace and control characters before the scheme.
+    return uri.lstrip("".join(map(chr, range(33)))).lower().startswith("javascript:")
+
+
+def _pdf_active_content(reader: PdfReader) -> str | None:
+    """Why the document must be refused for active content, or None.
+
+    Only the latest revision's structure is walked, reachable from the catalog, as viewers
+    do: the name trees, the document and page actions, annotations, form fields, bookmarks
+    and associated files. Content streams are never read.
+    """
+    walk = _PdfWalk(reader)
+    root = reader.root_object
+    names = walk.dictionary("names", _entry(root, "/Names"))
+    if names is not None:
+        if walk.tree_has_entries("javascript", _entry(names, "/JavaScript")):
+            return _PDF_JAVASCRIPT
+        if walk.tree_has_entries("embedded", _entry(names, "/EmbeddedFiles")):
+            return _PDF_EMBEDDED
+    form = walk.dictionary("acroform", _entry(root, "/AcroForm"))
+    if form is not None:
+        if "/XFA" in form:
+            return _PDF_XFA
+        walk.todo.extend(("field", field) for field in walk.items("fields",
+                                                                  _entry(form, "/Fields")))
+    walk.todo.append(("action", _entry(root, "/OpenAction")))
+    walk.todo.append(("triggers", _entry(root, "/AA")))
+    walk.todo.append(("files", _entry(root, "/AF")))
+    outlines = walk.dictionary("outlines", _entry(root, "/Outlines"))
+    if outlines is not None:
+        walk.todo.append(("outline", _entry(outlines, "/First")))
+    reason = walk.drain()
+    for page in reader.pages:
+        if reason is not None:
+            break
+        walk.todo.append(("triggers", _entry(page, "/AA")))
+        walk.todo.append(("annots", _entry(page, "/Annots")))
+        walk.todo.append(("files", _entry(page, "/AF")))
+        reason = walk.drain()
+    return reason
