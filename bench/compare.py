@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import _fmt
+from bench.report import figure
 
 
 def flatten(result: dict[str, Any]) -> dict[str, float]:
@@ -51,4 +51,4 @@ def compare(old_path: Path, new: dict[str, Any]) -> None:
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         change = f"{(vb - va) / va:+.1%}" if va and vb is not None else ""
-        print(f"{key:58} {_fmt(va, '{:.3f}'):>10} {_fmt(vb, '{:.3f}'):>10} {change:>8}")
+        print(f"{key:58} {figure(va, '{:.3f}'):>10} {figure(vb, '{:.3f}'):>10} {change:>8}")

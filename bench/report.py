@@ -10,7 +10,8 @@ from bench.procs import MIB
 RSS_TARGET_MIB = 150.0
 
 
-def _fmt(value: float | None, pattern: str) -> str:
+def figure(value: float | None, pattern: str) -> str:
+    """A figure for the tables; "-" where there is none."""
     return "-" if value is None else pattern.format(value)
 
 
@@ -105,41 +106,41 @@ def print_report(result: dict[str, Any]) -> None:
                 label = s["kind"] + (f" {s['fraction']:g}" if s["fraction"] else "")
 
                 def q(d: dict[str, float | None], keys: tuple[str, ...]) -> str:
-                    return "/".join(_fmt(d.get(k), "{:.0f}") for k in keys)
+                    return "/".join(figure(d.get(k), "{:.0f}") for k in keys)
 
                 if s.get("log_warnings"):
                     label += " !"
-                print(f"   {label:13} {_fmt(s['offered_docs_per_s'], '{:.2f}'):>8} "
-                      f"{_fmt(s['accepted_docs_per_s'], '{:.2f}'):>7} "
-                      f"{_fmt(s['stored_docs_per_s'], '{:.2f}'):>9} "
-                      f"{_fmt(s['stored_mib_per_s'], '{:.1f}'):>7} "
-                      f"{_fmt(ratio(s['stored_docs_per_s'], fdocs), '{:.2f}'):>5} | "
+                print(f"   {label:13} {figure(s['offered_docs_per_s'], '{:.2f}'):>8} "
+                      f"{figure(s['accepted_docs_per_s'], '{:.2f}'):>7} "
+                      f"{figure(s['stored_docs_per_s'], '{:.2f}'):>9} "
+                      f"{figure(s['stored_mib_per_s'], '{:.1f}'):>7} "
+                      f"{figure(ratio(s['stored_docs_per_s'], fdocs), '{:.2f}'):>5} | "
                       f"{q(lat['accept'], ('p50', 'p90', 'p99', 'max')):>24} | "
                       f"{q(lat['stored'], ('p50', 'p90', 'p99', 'max')):>26} | "
                       f"{q(lat['push'], ('p50', 'p99')):>16} | "
-                      f"{_fmt(lat['client_lag']['p99'], '{:.0f}'):>7} | "
+                      f"{figure(lat['client_lag']['p99'], '{:.0f}'):>7} | "
                       f"{s.get('documents_in_db_before') or 0:5d} | "
                       f"{s['cpu_s_per_doc'].get('app', 0):.3f}"
                       f"+{s['cpu_s_per_doc'].get('secantusd', 0):.3f}")
             sus = wl.get("sustained") or {}
             half = wl.get("half") or {}
             hl = half.get("latency_ms", {})
-            print(f"   sustained {_fmt(sus.get('docs_per_s'), '{:.2f}')} docs/s "
-                  f"{_fmt(sus.get('mib_per_s'), '{:.1f}')} MiB/s = "
-                  f"{_fmt(ratio(sus.get('docs_per_s'), fdocs), '{:.2f}')} x floor")
+            print(f"   sustained {figure(sus.get('docs_per_s'), '{:.2f}')} docs/s "
+                  f"{figure(sus.get('mib_per_s'), '{:.1f}')} MiB/s = "
+                  f"{figure(ratio(sus.get('docs_per_s'), fdocs), '{:.2f}')} x floor")
             if hl:
                 print(f"   at half rate: p50 stored "
-                      f"{_fmt(hl['stored']['p50'], '{:.0f}')} ms = "
-                      f"{_fmt(ratio(hl['stored']['p50'], flat), '{:.1f}')} x floor latency; "
-                      f"p99 stored {_fmt(hl['stored']['p99'], '{:.0f}')} ms; "
-                      f"p99 202 {_fmt(hl['accept']['p99'], '{:.0f}')} ms; "
-                      f"p99 push {_fmt(hl['push']['p99'], '{:.0f}')} ms")
+                      f"{figure(hl['stored']['p50'], '{:.0f}')} ms = "
+                      f"{figure(ratio(hl['stored']['p50'], flat), '{:.1f}')} x floor latency; "
+                      f"p99 stored {figure(hl['stored']['p99'], '{:.0f}')} ms; "
+                      f"p99 202 {figure(hl['accept']['p99'], '{:.0f}')} ms; "
+                      f"p99 push {figure(hl['push']['p99'], '{:.0f}')} ms")
             cpu = wl["cpu_s_per_doc"]
             fdb = floor.get(name, {}).get("services_cpu_s_per_doc", {}).get("secantusd")
             db_ratio = "" if "secantusd" not in cpu else \
-                f", secantusd = {_fmt(ratio(cpu.get('secantusd'), fdb), '{:.1f}')} x floor's"
+                f", secantusd = {figure(ratio(cpu.get('secantusd'), fdb), '{:.1f}')} x floor's"
             print("   CPU s/doc: " + ", ".join(f"{k} {v:.4f}" for k, v in cpu.items() if v)
-                  + f"  (app = {_fmt(ratio(cpu.get('app'), fcpu), '{:.1f}')} x floor"
+                  + f"  (app = {figure(ratio(cpu.get('app'), fcpu), '{:.1f}')} x floor"
                   + db_ratio + ")")
             ops = [st["mongo_ops_per_doc"] for st in wl["steps"] if "mongo_ops_per_doc" in st]
             if ops:
@@ -191,7 +192,7 @@ def print_report(result: dict[str, Any]) -> None:
     print("\n== targets (services mode) ==")
     for t in result["targets"]:
         state = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
-        print(f"  {state:6} {t['target']}: {_fmt(t['value'], '{:.2f}')} {t['unit']} "
+        print(f"  {state:6} {t['target']}: {figure(t['value'], '{:.2f}')} {t['unit']} "
               f"(limit {t['limit']:g})")
     if result["problems"]:
         print("\n== problems ==")

@@ -15,7 +15,7 @@ from bench import documents
 from bench.harness import Harness, Tracked
 from bench.load import Client, Upload, run_step
 from bench.procs import MIB
-from bench.report import _fmt
+from bench.report import figure
 from bench.stats import latency_summary
 
 KIB = 1024
@@ -245,12 +245,12 @@ def run_workload(h: Harness, client: Client, tracked: Tracked, mongo: MongoClien
                              result["accepted_docs_per_s"] or 0.0) or None
         lat = result["latency_ms"]
         print(f"  {wl.name:6} {step.kind:5} offered "
-              f"{_fmt(rate, '{:.2f}/s') if rate else 'closed loop':>11}  "
-              f"accepted {_fmt(result['accepted_docs_per_s'], '{:.2f}/s'):>9} "
-              f"stored {_fmt(result['stored_docs_per_s'], '{:.2f}/s'):>9}  "
-              f"p99 202 {_fmt(lat['accept']['p99'], '{:.0f}ms')} "
-              f"stored {_fmt(lat['stored']['p99'], '{:.0f}ms')} "
-              f"push {_fmt(lat['push']['p99'], '{:.0f}ms')}  "
+              f"{figure(rate, '{:.2f}/s') if rate else 'closed loop':>11}  "
+              f"accepted {figure(result['accepted_docs_per_s'], '{:.2f}/s'):>9} "
+              f"stored {figure(result['stored_docs_per_s'], '{:.2f}/s'):>9}  "
+              f"p99 202 {figure(lat['accept']['p99'], '{:.0f}ms')} "
+              f"stored {figure(lat['stored']['p99'], '{:.0f}ms')} "
+              f"push {figure(lat['push']['p99'], '{:.0f}ms')}  "
               f"{result['stored']}/{result['count']} stored", flush=True)
     cpu1 = tracked.cpu()
     cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
