@@ -94,6 +94,9 @@ def handle(svc: Services, event: CloudEvent) -> None:
             (finished.updated_at - finished.created_at).total_seconds())
         if finished.status != Status.STORED:
             svc.blobs.delete(Area.STAGING, doc.id)
+        else:
+            # Read for the last time here: its pages are better spent on the next upload.
+            svc.blobs.forget(Area.OBJECTS, doc.id)
         publish_recorded(svc, doc.id, event_out)
         return
     current = svc.documents.get(doc.id)

@@ -22,6 +22,7 @@ from tests import samples
 from tests.conftest import Running, serving
 from tests.fcm_stub import FcmStub
 from tests.helpers import DRIVER, register_device, settled, upload, wait_for
+from tests.page_cache import cache_can_drop, resident_pages
 
 pytestmark = pytest.mark.services
 
@@ -38,6 +39,23 @@ def _publish_raw(running: Running, event: object) -> None:
                            mandatory=True)
     finally:
         conn.close()
+
+
+def test_a_stored_object_leaves_the_page_cache(running: Running,
+                                               http: requests.Session) -> None:
+    """Storage reads a new object for the last time; its pages go to the next upload."""
+    efs = running.svc.settings.efs_root
+    if not cache_can_drop(efs):
+        pytest.skip(f"{efs} is on a filesystem whose pages are the files")
+    body = samples.pdf(samples.marker(), padding=3 * 1024 * 1024)
+    resp = upload(http, running.base_url, body, "application/pdf", "scan.pdf")
+    assert resp.status_code == 202, resp.text
+    doc_id = resp.json()["id"]
+    assert settled(http, running.base_url, doc_id)["status"] == "stored"
+    path = running.svc.blobs.path(Area.OBJECTS, doc_id)
+    wait_for(lambda: resident_pages(path) == 0, what="the object's pages to be dropped")
+    got = http.get(f"{running.base_url}/v1/documents/{doc_id}", headers=DRIVER, timeout=30)
+    assert http.get(got.json()["download_url"], headers=DRIVER, timeout=30).content == body
 
 
 @pytest.mark.parametrize(

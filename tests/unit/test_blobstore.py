@@ -12,6 +12,7 @@ import pytest
 from shared import blobstore
 from shared.blobstore import WRITEBACK_BYTES, Area, BlobStore
 from shared.ids import new_document_id
+from tests.page_cache import cache_can_drop, resident_pages
 
 MIB = 1024 * 1024
 
@@ -79,3 +80,25 @@ def test_linux_writeback_is_the_real_system_call(tmp_path: Path) -> None:
     with store.writer(Area.OBJECTS, doc_id) as out:
         out.write(data)
     assert store.path(Area.OBJECTS, doc_id).read_bytes() == data
+
+
+def test_forget_drops_an_objects_pages_and_keeps_its_bytes(tmp_path: Path) -> None:
+    if not cache_can_drop(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem whose pages are the files")
+    store = BlobStore(tmp_path)
+    doc_id = new_document_id()
+    data = os.urandom(4 * MIB)
+    with store.writer(Area.OBJECTS, doc_id) as out:
+        out.write(data)
+    path = store.path(Area.OBJECTS, doc_id)
+    assert path.read_bytes() == data
+    assert resident_pages(path) > 0  # just written and read: cached
+    store.forget(Area.OBJECTS, doc_id)
+    assert resident_pages(path) == 0
+    assert path.read_bytes() == data
+
+
+def test_forgetting_a_missing_object_is_a_no_op(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.forget(Area.OBJECTS, new_document_id())
+    assert list((tmp_path / Area.OBJECTS.value).iterdir()) == []
