@@ -113,8 +113,8 @@ class BlobStore:
         stored object would sit in the page cache (charged to the pod's memory cgroup) until
         the kernel reclaims it to make room for the next upload's writes; dropped, its pages
         are free for those writes at once. On the development VM, which hands free memory
-        back to its host, that made writing a 200 MiB object cost 0.18 s of CPU instead of
-        0.65 s (bench/README.md, Findings 28). A download reads the object from the
+        back to its host, that made writing a 200 MiB object cost 0.17-0.19 s of CPU instead
+        of 0.54-0.70 s (bench/README.md, Findings 28). A download reads the object from the
         filesystem again (on EFS: from the server), which it does hours later anyway.
         """
         with contextlib.suppress(FileNotFoundError), self.path(area, doc_id).open("rb") as f:
