@@ -106,20 +106,6 @@ class BlobStore:
     def open(self, area: Area, doc_id: str) -> BinaryIO:
         return self.path(area, doc_id).open("rb")
 
-    def forget(self, area: Area, doc_id: str) -> None:
-        """Drop the object's pages from this node's page cache; the object stays as it is.
-
-        Storage calls it once it has read a new object for the last time. Left cached, every
-        stored object would sit in the page cache (charged to the pod's memory cgroup) until
-        the kernel reclaims it to make room for the next upload's writes; dropped, its pages
-        are free for those writes at once. On the development VM, which hands free memory
-        back to its host, that made writing a 200 MiB object cost 0.17-0.19 s of CPU instead
-        of 0.54-0.70 s (bench/README.md, Findings 28). A download reads the object from the
-        filesystem again (on EFS: from the server), which it does hours later anyway.
-        """
-        with contextlib.suppress(FileNotFoundError), self.path(area, doc_id).open("rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
     def exists(self, area: Area, doc_id: str) -> bool:
         return self.path(area, doc_id).is_file()
 
@@ -144,6 +130,21 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def release_pages(f: BinaryIO) -> None:
+    """Drop an open object's pages from this node's page cache; the object stays as it is.
+
+    Storage calls it as it finishes reading a new object for the last time, on the handle
+    it read with (on EFS another open would be another round trip to the server). Left
+    cached, every stored object would sit in the page cache (charged to the pod's memory
+    cgroup) until the kernel reclaims it to make room for the next upload's writes;
+    dropped, its pages are free for those writes at once. On the development VM, which
+    hands free memory back to its host, that made writing a 200 MiB object cost 0.17-0.19 s
+    of CPU instead of 0.54-0.70 s (bench/README.md, Findings 28). A download reads the
+    object from the filesystem again (on EFS: from the server), hours later anyway.
+    """
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -32,7 +32,7 @@ from events.catalog import (
 )
 from events.cloudevent import data_as, make_event
 from events.subscriptions import Subscription
-from shared.blobstore import Area
+from shared.blobstore import Area, release_pages
 from shared.documents import Document, Status
 from shared.envelope import EnvelopeError, EnvelopeReader, decrypt_stream
 from shared.inspection import SNIFF_BYTES, InvalidDocument, extract_metadata, sniff
@@ -94,9 +94,6 @@ def handle(svc: Services, event: CloudEvent) -> None:
             (finished.updated_at - finished.created_at).total_seconds())
         if finished.status != Status.STORED:
             svc.blobs.delete(Area.STAGING, doc.id)
-        else:
-            # Read for the last time here: its pages are better spent on the next upload.
-            svc.blobs.forget(Area.OBJECTS, doc.id)
         publish_recorded(svc, doc.id, event_out)
         return
     current = svc.documents.get(doc.id)
@@ -131,6 +128,10 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
                     kept.append(chunk)
                 else:
                     kept = None
+            if kept is not None:
+                # The last read of a small object: its pages are better spent on the next
+                # upload (a larger one is read once more below).
+                release_pages(source)
     except EnvelopeError as exc:
         return Verdict(Status.FAILED, reason=f"stored object failed its integrity check: {exc}")
     if size != doc.size:
@@ -152,6 +153,7 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
             with svc.blobs.open(area, doc.id) as source:
                 plain = io.BufferedReader(EnvelopeReader(data_key, source, associated_data=aad))
                 metadata = extract_metadata(media_type, plain)
+                release_pages(source)
     except InvalidDocument as exc:
         return Verdict(Status.REJECTED, media_type=media_type, reason=str(exc))
     return Verdict(Status.STORED, media_type=media_type, metadata=metadata)

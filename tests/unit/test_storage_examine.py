@@ -20,6 +20,7 @@ from shared.envelope import EnvelopeWriter
 from shared.ids import new_document_id
 from tests import hostile_samples as hostile
 from tests import samples
+from tests.page_cache import cache_can_drop, resident_pages
 
 LARGE = INSPECT_IN_MEMORY + 256 * 1024
 
@@ -103,3 +104,17 @@ def test_a_tampered_object_fails_before_any_inspection(tmp_path: Path) -> None:
     assert verdict.reason is not None
     assert "integrity" in verdict.reason
     assert blobs.opened == 1
+
+
+@pytest.mark.parametrize("padding", [0, LARGE], ids=["in-memory", "read-again"])
+def test_the_examined_object_leaves_the_page_cache(tmp_path: Path, padding: int) -> None:
+    """Its last read drops its pages: nothing reads a new object again for hours."""
+    if not cache_can_drop(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem whose pages are the files")
+    blobs = BlobStore(tmp_path / "efs")
+    data = samples.pdf(samples.marker(), padding=padding)
+    doc, key = _stage(blobs, data)
+    path = blobs.path(Area.STAGING, doc.id)
+    assert resident_pages(path) > 0  # just written: cached
+    assert _examine_staged(blobs, doc, key).status == Status.STORED
+    assert resident_pages(path) == 0
