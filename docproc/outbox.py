@@ -1,11 +1,13 @@
 """Publishing through the transactional outbox, and the relay that finishes the job.
 
-An event is written into its document's record in the same write as the state it announces
-(the upload's `processing` record, the storage outcome). The process then publishes it and,
-once the broker confirmed, removes it from the record. When publishing fails or the process
-dies in between, the event stays in the record and the relay, running in every process that
-publishes, sends it later: a document recorded as `processing` always has its event
-published. Consumers are idempotent, so the rare double publish changes nothing.
+The upload's event is written into its document's record in the same write as the
+`processing` state it announces. The process then publishes it and, once the broker
+confirmed, marks it published (shared/outbox_marks.py), unless storage recorded the outcome
+first, which empties the outbox. When publishing fails or the process dies in between, the
+event stays in the record and the relay, running in every process that publishes, sends it
+later: a document recorded as `processing` always has its event published. Storage's
+outcome goes into the outbox only when the broker refuses it (``publish_outcome``).
+Consumers are idempotent, so the rare double publish changes nothing.
 """
 
 from __future__ import annotations
@@ -39,11 +41,24 @@ def publish_recorded(svc: Services, doc_id: str, event: CloudEvent) -> bool:
     return True
 
 
+def publish_outcome(svc: Services, doc_id: str, event: CloudEvent) -> None:
+    """Publish the event announcing an outcome ``finish`` just recorded.
+
+    The event being handled is acknowledged only after this returns, so a crash before the
+    broker confirmed redelivers it, and the handler announces the recorded outcome again:
+    that event needs no outbox on the way. Only a publish that fails goes there, for the
+    relay to send once the broker is back (if even that write fails, the error makes the
+    event being handled retried, with the same effect)."""
+    if not _publish(svc, doc_id, event):
+        svc.documents.record_unpublished(doc_id, outbox_event(event))
+
+
 def _publish(svc: Services, doc_id: str, event: CloudEvent) -> bool:
     try:
         svc.publish(event)
     except (PublishError, NoTransport) as exc:
-        log.warning("event %s for document %s stays in the outbox: %s", event["id"], doc_id, exc)
+        log.warning("event %s for document %s is left to the outbox relay: %s", event["id"],
+                    doc_id, exc)
         return False
     return True
 

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_ALLOWED_TYPES = (
@@ -85,10 +85,11 @@ class Settings(BaseSettings):
     )
     outbox_grace_seconds: float = Field(default=10.0, ge=0,
                                         validation_alias="DOCPROC_OUTBOX_GRACE_SECONDS")
-    # How long a confirmed event's "published" mark may wait to be written together with
-    # others (0: at once). Far below the grace, so the relay never races a pending mark.
+    # How long a confirmed upload event's "published" mark waits before it is written (0: at
+    # once): by then storage has usually recorded the outcome, which makes the write moot
+    # (shared/outbox_marks.py). At most half the grace, so the relay never races a mark.
     outbox_mark_linger_seconds: float = Field(
-        default=0.1, ge=0, le=1.0, validation_alias="DOCPROC_OUTBOX_MARK_LINGER_SECONDS"
+        default=2.0, ge=0, le=60.0, validation_alias="DOCPROC_OUTBOX_MARK_LINGER_SECONDS"
     )
     relay_interval_seconds: float = Field(default=2.0, gt=0,
                                           validation_alias="DOCPROC_RELAY_INTERVAL_SECONDS")
@@ -178,6 +179,16 @@ class Settings(BaseSettings):
             raise ValueError(f"no such file: {value}")
         return value
 
+    @model_validator(mode="after")
+    def _marks_before_the_relay(self) -> Settings:
+        if self.outbox_mark_linger_seconds > self.outbox_grace_seconds / 2:
+            raise ValueError(
+                f"DOCPROC_OUTBOX_MARK_LINGER_SECONDS ({self.outbox_mark_linger_seconds:g}) must "
+                f"be at most half of DOCPROC_OUTBOX_GRACE_SECONDS "
+                f"({self.outbox_grace_seconds:g}): the outbox relay would publish again the "
+                f"events whose marks are still waiting")
+        return self
+
     @cached_property
     def efs_root(self) -> Path:
         return self.efs_root_override or self.data_dir / "efs"
@@ -206,7 +217,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else "settings"
+            if not err["loc"]:  # a check across settings names them itself
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             field = Settings.model_fields.get(name)
             alias = field.validation_alias if field is not None else None
             if isinstance(alias, AliasChoices):

@@ -304,48 +304,59 @@ class DocumentRepository:
             raw = self.col.find_one({"owner": owner, "idempotency_key": key})
         return Document.model_validate(raw) if raw else None
 
-    def finish(
-        self, doc: Document, status: Status, event: OutboxEvent | None = None, **fields: Any
-    ) -> Document | None:
-        """Move a `processing` document to its outcome, recording the event that announces it
-        in the same write; ``doc`` with these changes applied, or None when the document had
-        already left `processing`."""
+    def finish(self, doc: Document, status: Status, **fields: Any) -> Document | None:
+        """Move a `processing` document to its outcome; ``doc`` with these changes applied,
+        or None when the document had already left `processing`.
+
+        The outbox is emptied in the same write: what it still holds is the upload's event,
+        which this very outcome proves was delivered (its consumer is the one finishing), so
+        publishing it again could only cause a redundant redelivery, and its pending mark
+        finds nothing left to write (published_many). The outcome's own event is not recorded
+        here: the event being handled stays unacknowledged until it is published, so a crash
+        in between redelivers it and the outcome is announced again (see
+        ``record_unpublished`` for a publish that fails)."""
         now = utcnow()
-        changes: dict[str, Any] = {"status": status.value, "updated_at": now, **fields}
-        if event is not None:
-            # The outbox is replaced, not appended to: whatever it still holds is the upload's
-            # event, which this very outcome proves was delivered (its consumer is the one
-            # finishing), so publishing it again could only cause a redundant redelivery.
-            changes["outbox"] = [event.entry()]
-            changes["outbox_due"] = now + self.outbox_grace
+        changes: dict[str, Any] = {"status": status.value, "updated_at": now, "outbox": [],
+                                   **fields}
         # update_one, not find_one_and_update: on SecantusDB the latter costs time in
-        # proportion to the collection, whatever the filter. No read follows: the outcome,
-        # its time and its event are what callers use, and those are exactly what this write
-        # set (an agent's concurrent edit of, say, the tags is not in the returned copy).
-        update: dict[str, Any] = {"$set": changes}
+        # proportion to the collection, whatever the filter. No read follows: the outcome
+        # and its time are what callers use, and those are exactly what this write set (an
+        # agent's concurrent edit of, say, the tags is not in the returned copy).
+        unset = {"outbox_due": ""}
         if status not in LIVE:
             # A failed document's bytes may be uploaded again, as a new document.
-            update["$unset"] = {CONTENT_SLOT: ""}
+            unset[CONTENT_SLOT] = ""
         result = self.col.update_one({"_id": doc.id, "status": Status.PROCESSING.value},
-                                     update)
+                                     {"$set": changes, "$unset": unset})
         if result.modified_count != 1:
             return None
-        return doc.model_copy(update={**changes, "status": status})
+        return doc.model_copy(update={**changes, "status": status, "outbox_due": None})
+
+    def record_unpublished(self, doc_id: str, event: OutboxEvent) -> None:
+        """An event the broker did not take: into the record's outbox, due at once, so the
+        relay publishes it as soon as it can."""
+        self.col.update_one({"_id": doc_id},
+                            {"$push": {"outbox": event.entry()}, "$set": {"outbox_due": utcnow()}})
 
     def published(self, doc_id: str, event_id: str) -> None:
         """The broker confirmed the event: take it out of the record's outbox."""
         self.published_many([(doc_id, event_id)])
 
-    def published_many(self, marks: list[tuple[str, str]]) -> None:
+    def published_many(self, marks: list[tuple[str, str]]) -> int:
         """Take confirmed events, given as (document id, event id), out of their records'
         outboxes and, where that was the last one, stop the relay from looking at the record,
         in one write. (Without the second stage every document cost the relay a claim, a read
-        and a write later.) Event ids are unique, so one list serves every record."""
+        and a write later.) Event ids are unique, so one list serves every record. Returns
+        how many records still held one of the events."""
         if not marks:
-            return
+            return 0
         doc_ids = sorted({doc_id for doc_id, _ in marks})
         event_ids = sorted({event_id for _, event_id in marks})
-        self.col.update_many({"_id": {"$in": doc_ids}}, [
+        # Only records still holding one of the events: most uploads' marks find their
+        # record already finished (``finish`` empties the outbox), and a record that does not
+        # match costs the server a look-up, where a match costs a rewrite of every index.
+        result = self.col.update_many({"_id": {"$in": doc_ids},
+                                       "outbox.id": {"$in": event_ids}}, [
             {"$set": {"outbox": {"$filter": {
                 "input": {"$ifNull": ["$outbox", []]},
                 "cond": {"$not": [{"$in": ["$$this.id", {"$literal": event_ids}]}]},
@@ -353,6 +364,7 @@ class DocumentRepository:
             {"$set": {"outbox_due": {"$cond": [
                 {"$eq": [{"$size": "$outbox"}, 0]}, "$$REMOVE", "$outbox_due"]}}},
         ])
+        return result.modified_count
 
     def outbox_drained(self, doc: Document) -> None:
         """Nothing left to relay: stop looking at the record, unless a new event arrived

@@ -35,6 +35,11 @@ RETRIES = Counter("docproc_event_retries_total", "Events scheduled for another a
                   ["function"])
 DEAD_LETTERS = Counter("docproc_dead_letters_total", "Events dead-lettered", ["function"])
 NOTIFICATIONS = Counter("docproc_notifications_total", "Pushes by outcome", ["outcome"])
+# "written": the record still held the confirmed event; "moot": its outcome was recorded
+# first, which emptied the outbox (shared/outbox_marks.py).
+OUTBOX_MARKS = Counter("docproc_outbox_marks_total",
+                       "Confirmed events' outbox marks, by whether a record still held them",
+                       ["result"])
 HTTP_REQUESTS = Counter("docproc_http_requests_total", "HTTP answers by endpoint and status",
                         ["endpoint", "status"])
 

@@ -92,6 +92,7 @@ def service_settings(
             "fcm_endpoint": fcm.base_url,
             "retry_delays": FAST_RETRIES,
             "outbox_grace_seconds": 0.5,
+            "outbox_mark_linger_seconds": 0.1,
             "relay_interval_seconds": 0.2,
         }
         values.update(overrides)

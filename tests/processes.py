@@ -36,6 +36,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "DOCPROC_RETRY_DELAYS": ",".join(str(d) for d in settings.retry_delays),
         "DOCPROC_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
         "DOCPROC_OUTBOX_GRACE_SECONDS": str(settings.outbox_grace_seconds),
+        "DOCPROC_OUTBOX_MARK_LINGER_SECONDS": str(settings.outbox_mark_linger_seconds),
         "DOCPROC_RELAY_INTERVAL_SECONDS": str(settings.relay_interval_seconds),
         "DOCPROC_PUBLIC_URL": settings.public_url_override,
         "KMS_KEY_ID": settings.kms_key_id,

@@ -21,7 +21,7 @@ import functions_framework
 from cloudevents.http import CloudEvent
 
 from docproc.health import add_to_flask
-from docproc.outbox import outbox_event, publish_recorded
+from docproc.outbox import publish_outcome
 from docproc.runtime import Services, as_http_status, services
 from events.catalog import (
     DOCUMENT_REJECTED,
@@ -80,21 +80,21 @@ def handle(svc: Services, event: CloudEvent) -> None:
         event_out = _stored_event(svc, doc, verdict.media_type or doc.declared_type, link.url,
                                   expires)
         finished = svc.documents.finish(
-            doc, Status.STORED, outbox_event(event_out), media_type=verdict.media_type,
+            doc, Status.STORED, media_type=verdict.media_type,
             metadata=verdict.metadata,
             download_url_enc=seal(data_key, link.url.encode(), doc.id.encode()),
             download_url_expires=expires,
         )
     else:
         event_out = _rejected_event(svc, doc, verdict.status, verdict.reason)
-        finished = svc.documents.finish(doc, verdict.status, outbox_event(event_out),
-                                        reason=verdict.reason, media_type=verdict.media_type)
+        finished = svc.documents.finish(doc, verdict.status, reason=verdict.reason,
+                                        media_type=verdict.media_type)
     if finished is not None:
         PROCESSING.labels(finished.status.value).observe(
             (finished.updated_at - finished.created_at).total_seconds())
         if finished.status != Status.STORED:
             svc.blobs.delete(Area.STAGING, doc.id)
-        publish_recorded(svc, doc.id, event_out)
+        publish_outcome(svc, doc.id, event_out)
         return
     current = svc.documents.get(doc.id)
     if current is None:

@@ -233,7 +233,7 @@ def test_broker_down_at_upload_is_accepted_and_published_later(
     finally:
         small.svc.publisher = working
     assert settled(http, small.base_url, doc_id)["status"] == "stored"
-    # the storage outcome goes through the outbox too; it empties once confirmed
+    # storage's outcome empties the outbox, and announces itself without one
     wait_for(lambda: small.svc.documents.get(doc_id).outbox == [], what="an empty outbox")
 
 

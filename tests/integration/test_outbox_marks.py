@@ -12,10 +12,11 @@ from typing import Any
 import pymongo
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 from shared.config import Settings
 from shared.documents import Document, DocumentRepository, OutboxEvent, Status, utcnow
-from shared.outbox_marks import PublishedMarks
+from shared.outbox_marks import MAX_PENDING_BATCHES, PublishedMarks
 from tests import samples
 from tests.conftest import serving
 from tests.helpers import Commands, upload, wait_for
@@ -57,6 +58,10 @@ def _cleared(repo: DocumentRepository, doc_id: str) -> bool:
     return raw["outbox"] == [] and "outbox_due" not in raw
 
 
+def _marked(result: str) -> float:
+    return REGISTRY.get_sample_value("docproc_outbox_marks_total", {"result": result}) or 0.0
+
+
 def test_marks_of_many_documents_are_one_write(repo: DocumentRepository,
                                                updates: Commands) -> None:
     recorded = [_recorded(repo) for _ in range(20)]
@@ -74,6 +79,23 @@ def test_marks_of_many_documents_are_one_write(repo: DocumentRepository,
         marks.close()
 
 
+def test_marks_of_finished_documents_write_nothing(repo: DocumentRepository) -> None:
+    """Storage's outcome empties the outbox, so a mark that waited for it has nothing to
+    write: the server only looks the record up."""
+    recorded = [_recorded(repo) for _ in range(6)]
+    for doc, _ in recorded[:4]:
+        assert repo.finish(doc, Status.STORED) is not None
+    finished = {doc.id: _raw(repo, doc.id) for doc, _ in recorded[:4]}
+    written, moot = _marked("written"), _marked("moot")
+    marks = PublishedMarks(repo, linger=30.0)
+    for doc, event in recorded:
+        marks.add(doc.id, event.id)
+    marks.close()
+    assert (_marked("written") - written, _marked("moot") - moot) == (2, 4)
+    assert {doc_id: _raw(repo, doc_id) for doc_id in finished} == finished  # untouched
+    assert all(_cleared(repo, doc.id) for doc, _ in recorded[4:])
+
+
 def test_a_mark_is_written_within_the_linger(repo: DocumentRepository) -> None:
     doc, event = _recorded(repo)
     marks = PublishedMarks(repo, linger=0.05)
@@ -84,30 +106,48 @@ def test_a_mark_is_written_within_the_linger(repo: DocumentRepository) -> None:
         marks.close()
 
 
-def test_a_full_batch_does_not_wait_for_the_linger(repo: DocumentRepository) -> None:
-    recorded = [_recorded(repo) for _ in range(4)]
-    marks = PublishedMarks(repo, linger=60.0, batch=4)
+def test_marks_wait_their_linger_then_go_in_bounded_batches(
+    repo: DocumentRepository, updates: Commands,
+) -> None:
+    recorded = [_recorded(repo) for _ in range(10)]
+    marks = PublishedMarks(repo, linger=1.0, batch=4)
     try:
+        before = updates.count
         for doc, event in recorded:
             marks.add(doc.id, event.id)
-        wait_for(lambda: all(_cleared(repo, doc.id) for doc, _ in recorded), timeout=5,
-                 what="the full batch written")
+        assert not any(_cleared(repo, doc.id) for doc, _ in recorded)  # a full batch waits
+        wait_for(lambda: all(_cleared(repo, doc.id) for doc, _ in recorded), timeout=10,
+                 what="the marks written")
+        assert updates.count - before == 3  # 4 + 4 + 2
     finally:
         marks.close()
 
 
-def test_a_late_mark_leaves_a_newer_outcome_in_the_outbox(repo: DocumentRepository) -> None:
+def test_a_backlog_of_marks_goes_out_without_waiting(repo: DocumentRepository) -> None:
+    batch = 2
+    recorded = [_recorded(repo) for _ in range(batch * MAX_PENDING_BATCHES)]
+    marks = PublishedMarks(repo, linger=60.0, batch=batch)
+    try:
+        for doc, event in recorded:
+            marks.add(doc.id, event.id)
+        wait_for(lambda: all(_cleared(repo, doc.id) for doc, _ in recorded[:batch]),
+                 timeout=10, what="the oldest batch written")
+    finally:
+        marks.close()
+
+
+def test_a_late_mark_leaves_a_refused_outcome_in_the_outbox(repo: DocumentRepository) -> None:
     doc, uploaded = _recorded(repo)
+    assert repo.finish(doc, Status.STORED) is not None
     stored = OutboxEvent(id=unique("evt-"), payload='{"type": "stored"}')
-    finished = repo.finish(doc, Status.STORED, stored)
-    assert finished is not None
+    repo.record_unpublished(doc.id, stored)  # the broker refused the outcome's event
     due = _raw(repo, doc.id)["outbox_due"]
     marks = PublishedMarks(repo, linger=30.0)
     marks.add(doc.id, uploaded.id)  # the upload's confirm, written after storage finished
     marks.close()
     raw = _raw(repo, doc.id)
     assert raw["outbox"] == [stored.entry()]
-    assert raw["outbox_due"] == due  # the relay still publishes the outcome if need be
+    assert raw["outbox_due"] == due  # the relay still publishes the outcome
 
 
 def test_closing_writes_what_is_pending_and_later_marks_at_once(

@@ -66,18 +66,38 @@ def test_an_event_still_unconfirmed_keeps_the_record_due(repo: DocumentRepositor
     assert _raw(repo, doc.id)["outbox"] == [STORED.entry()]
 
 
-def test_finishing_replaces_the_upload_event_its_consumer_proves_delivered(
+def test_finishing_empties_the_outbox_its_consumer_proves_delivered(
     repo: DocumentRepository,
 ) -> None:
     doc = _recorded(repo)  # the upload's publish was never confirmed
-    finished = repo.finish(doc, Status.STORED, STORED, media_type="application/pdf",
+    finished = repo.finish(doc, Status.STORED, media_type="application/pdf",
                            metadata={"pages": 1})
     assert finished is not None
-    assert finished.outbox == [STORED.entry()]
+    # The outcome's own event is not recorded: the event being handled is acknowledged
+    # only once the outcome's is published, so a crash in between announces it again.
+    assert (finished.outbox, finished.outbox_due) == ([], None)
+    assert "outbox_due" not in _raw(repo, doc.id)
+    assert repo.claim_outbox(timedelta(seconds=30)) is None  # nothing for the relay
     # What finish returns is what the database holds, without a read to learn it.
     assert finished == repo.get(doc.id)
     assert finished.status is Status.STORED
     assert finished.metadata == {"pages": 1}
     # A second outcome for the same upload (a redelivery racing the first) is refused.
-    assert repo.finish(doc, Status.REJECTED, None, reason="late") is None
+    assert repo.finish(doc, Status.REJECTED, reason="late") is None
     assert _raw(repo, doc.id)["status"] == "stored"
+
+
+def test_an_outcome_the_broker_refused_is_due_for_the_relay_at_once(
+    repo: DocumentRepository,
+) -> None:
+    doc = _recorded(repo)
+    assert repo.finish(doc, Status.STORED) is not None
+    repo.record_unpublished(doc.id, STORED)
+    claimed = repo.claim_outbox(timedelta(seconds=30))
+    assert claimed is not None
+    assert claimed.id == doc.id
+    assert claimed.outbox == [STORED.entry()]
+    repo.published(doc.id, STORED.id)
+    raw = _raw(repo, doc.id)
+    assert raw["outbox"] == []
+    assert "outbox_due" not in raw

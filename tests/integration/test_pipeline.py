@@ -8,14 +8,16 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
 import requests
 
 from events import amqp_codec, topology
-from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
+from events.catalog import DOCUMENT_STORED, DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
+from events.publisher import PublishError
 from shared.blobstore import Area
 from shared.config import Settings
 from tests import samples
@@ -135,6 +137,74 @@ def test_redelivered_events_change_nothing_and_push_once(
     assert again["status"] == "stored"
     assert again["sha256"] == first["sha256"]
     assert running.svc.blobs.exists(Area.OBJECTS, doc_id)
+
+
+class _RefusesOutcomes:
+    """The pipeline's publisher, except that it fails the storage outcome's event with
+    ``error`` while ``refusing`` (the broker not confirming it, or the process dying)."""
+
+    def __init__(self, inner: Any, error: Callable[[], BaseException]) -> None:
+        self.inner = inner
+        self.error = error
+        self.refusing = True
+        self.refused: list[str] = []
+
+    def publish(self, event: Any) -> None:
+        if self.refusing and event["type"] == DOCUMENT_STORED:
+            self.refused.append(str(event["id"]))
+            raise self.error()
+        self.inner.publish(event)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_an_outcome_the_broker_refuses_is_published_by_the_relay_and_pushed_once(
+    running: Running, http: requests.Session, fcm: FcmStub,
+) -> None:
+    register_device(http, running.base_url, "phone-refused")
+    refusing = _RefusesOutcomes(running.svc.publisher, lambda: PublishError("not confirmed"))
+    running.svc.publisher = refusing
+    doc_id = upload(http, running.base_url, samples.pdf(samples.marker()),
+                    "application/pdf").json()["id"]
+
+    def outcome_in_outbox() -> bool:
+        record = running.svc.documents.get(doc_id)
+        return record is not None and [e["id"] for e in record.outbox] == [f"{doc_id}.stored"]
+
+    wait_for(outcome_in_outbox, what="the refused outcome kept in the outbox")
+    wait_for(lambda: len(refusing.refused) >= 2, what="the relay trying it too")
+    assert fcm.messages_for("phone-refused") == []
+    assert settled(http, running.base_url, doc_id)["status"] == "stored"
+    refusing.refusing = False  # the broker is back
+    wait_for(lambda: fcm.messages_for("phone-refused"), what="the push")
+    wait_for(lambda: running.svc.documents.get(doc_id).outbox == [], what="an empty outbox")
+    wait_for(lambda: (running.svc.deliveries.get(f"{doc_id}.stored") or {}).get("state")
+             == "completed", what="the delivery record")
+    assert len(fcm.messages_for("phone-refused")) == 1
+
+
+def test_storage_failing_before_its_outcome_is_published_announces_it_on_the_retry(
+    running: Running, http: requests.Session, fcm: FcmStub,
+) -> None:
+    """The outcome's event has no outbox on the way: until it is published the event being
+    handled is not acknowledged, so the storage handler runs again and announces it."""
+    register_device(http, running.base_url, "phone-retry")
+    failing = _RefusesOutcomes(running.svc.publisher, lambda: RuntimeError("process died"))
+    running.svc.publisher = failing
+    doc_id = upload(http, running.base_url, samples.pdf(samples.marker()),
+                    "application/pdf").json()["id"]
+    wait_for(lambda: failing.refused, what="the outcome's publish to fail")
+    record = running.svc.documents.get(doc_id)
+    assert record is not None
+    assert (record.status.value, record.outbox) == ("stored", [])  # nothing for the relay
+    failing.refusing = False
+    pushes = wait_for(lambda: fcm.messages_for("phone-retry"), what="the push")
+    assert pushes[0]["data"]["document_id"] == doc_id
+    wait_for(lambda: (running.svc.deliveries.get(f"{doc_id}.stored") or {}).get("state")
+             == "completed", what="the delivery record")
+    assert failing.refused == [f"{doc_id}.stored"]
+    assert len(fcm.messages_for("phone-retry")) == 1
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,9 @@ def test_environment_selects_real_services(monkeypatch: pytest.MonkeyPatch,
         ("FIREBASE_CREDENTIALS", "/nonexistent/sa.json", "no such file"),
         ("DOCPROC_RETRY_DELAYS", "1,soon", "DOCPROC_RETRY_DELAYS"),
         ("DOCPROC_PORT", "70000", "DOCPROC_PORT"),
+        # A mark waiting longer than half the grace would be raced by the relay.
+        ("DOCPROC_OUTBOX_GRACE_SECONDS", "3", "DOCPROC_OUTBOX_MARK_LINGER_SECONDS (2) must be "
+                                              "at most half of DOCPROC_OUTBOX_GRACE_SECONDS (3)"),
     ],
 )
 def test_bad_values_fail_naming_the_variable(
