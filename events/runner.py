@@ -32,6 +32,8 @@ ATTEMPT_HEADER = "x-docproc-attempt"
 ERROR_HEADER = "x-docproc-last-error"
 DEAD_REASON_HEADER = "x-docproc-dead-letter-reason"
 RECONNECT_DELAY = 2.0
+# How soon the consume loop notices stop() when no message arrives.
+STOP_CHECK_SECONDS = 0.2
 
 
 class RabbitRunner:
@@ -78,8 +80,13 @@ class RabbitRunner:
             chan.basic_consume(topology.queue(self.prefix, self.sub.name), on_message)
             self.ready.set()
             log.info("%s: consuming %s", self.sub.name, topology.queue(self.prefix, self.sub.name))
+            # The loop waits without a time limit, which would cost a timer set and cancelled
+            # on every pass (one per frame and ack under load); a timer of its own makes it
+            # look at the stop flag every STOP_CHECK_SECONDS. stop() only sets the flag: it
+            # may run in a signal handler on this very thread, inside pika.
+            self._check_stop(conn)
             while not self._stop.is_set():
-                conn.process_data_events(time_limit=0.2)
+                conn.process_data_events(time_limit=None)
         finally:
             self.ready.clear()
             # Unacked messages go back to the queue when the connection closes.
@@ -87,6 +94,10 @@ class RabbitRunner:
             if conn.is_open:
                 with contextlib.suppress(AMQPError):
                     conn.close()
+
+    def _check_stop(self, conn: pika.BlockingConnection) -> None:
+        if not self._stop.is_set():
+            conn.call_later(STOP_CHECK_SECONDS, functools.partial(self._check_stop, conn))
 
     def _on_message(
         self,

@@ -250,3 +250,17 @@ def test_docproc_serve_killed_right_after_202s_finishes_everything(tmp_path: Pat
     objects = [p.name for p in (tmp_path / "data" / "efs" / Area.OBJECTS.value).rglob("*")
                if p.is_file()]
     assert sorted(objects) == sorted(ids)
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm(service_settings: Callable[..., Settings],
+                                                 tmp_path: Path) -> None:
+    """Kubernetes sends SIGTERM and kills what is still running after its grace period: a
+    worker waiting for messages must notice the signal without one arriving."""
+    env = settings_env(service_settings())
+    log = tmp_path / "storage.log"
+    with process([str(BIN / "docproc"), "worker", "storage", "--ops-port", "0"], env,
+                 log=log) as proc:
+        wait_for(lambda: "storage: consuming" in log.read_text(), what="the worker consuming")
+        time.sleep(1.0)  # idle: nothing to consume
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
