@@ -32,13 +32,16 @@ from shared.observability import OUTBOX_MARKS
 log = logging.getLogger(__name__)
 
 Mark = tuple[str, str]  # (document id, event id)
+# Marks a write: SecantusDB's CPU per mark is lowest around 16, written or moot
+# (bench/query_scaling.py); a larger batch's lists of ids are walked for every record.
+BATCH = 16
 # Past this many full batches waiting, the oldest goes out without waiting its linger.
-MAX_PENDING_BATCHES = 32
+MAX_PENDING_BATCHES = 128
 
 
 class PublishedMarks:
     def __init__(self, documents: DocumentRepository, linger: float = 2.0,
-                 batch: int = 64) -> None:
+                 batch: int = BATCH) -> None:
         self.documents = documents
         self.linger = linger
         self.batch = batch
