@@ -33,8 +33,10 @@ def cache_can_drop(path: Path) -> bool:
     """Whether the filesystem holding ``path`` lets its pages go (tmpfs keeps them: they are
     the file)."""
     best, fstype = "", ""
+    resolved = path.resolve()
     for line in Path("/proc/mounts").read_text().splitlines():
         mount, kind = line.split()[1:3]
-        if str(path).startswith(mount) and len(mount) >= len(best):
+        # By path components: "/tmpdata" is not under a mount at "/tmp".
+        if resolved.is_relative_to(mount) and len(mount) >= len(best):
             best, fstype = mount, kind
     return fstype not in ("tmpfs", "ramfs") and hasattr(os, "posix_fadvise")
