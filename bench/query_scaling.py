@@ -32,7 +32,7 @@ from pymongo.collection import Collection
 
 from bench import procs
 from shared.deliveries import DeliveryRepository
-from shared.documents import DocumentRepository, slot
+from shared.documents import STILL_PROCESSING, DocumentRepository, slot
 from tests.services import MongoServer
 
 BIN = Path(sys.executable).parent
@@ -61,7 +61,7 @@ def _operations(docs: Collection[dict[str, Any]], deliveries: Collection[dict[st
     (shared/documents.py, shared/deliveries.py: keep them in step)."""
     same = {"content_slot": slot("user1", "0" * 64)}
     keyed = {"idempotency_slot": slot("user1", "retry-of-nothing")}
-    finish = {"_id": pending, "status": "processing"}
+    finish = {"_id": pending, "status": STILL_PROCESSING}
     outbox = {"outbox_due": {"$lte": now}}
     drained = {"_id": pending, "outbox_due": now}
 

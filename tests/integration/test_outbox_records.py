@@ -87,6 +87,18 @@ def test_finishing_empties_the_outbox_its_consumer_proves_delivered(
     assert _raw(repo, doc.id)["status"] == "stored"
 
 
+def test_finish_leaves_a_document_deleted_while_it_was_processed(
+    repo: DocumentRepository,
+) -> None:
+    doc = _recorded(repo)
+    assert repo.tombstone(doc.id, by="agent-1") is not None
+    for status in (Status.STORED, Status.REJECTED, Status.FAILED):
+        assert repo.finish(doc, status, reason="late") is None
+    raw = _raw(repo, doc.id)
+    assert (raw["status"], raw["deleted_by"]) == ("deleted", "agent-1")
+    assert "reason" not in raw
+
+
 def test_an_outcome_the_broker_refused_is_due_for_the_relay_at_once(
     repo: DocumentRepository,
 ) -> None:
