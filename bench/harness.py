@@ -106,6 +106,7 @@ class Harness:
     replica_set: bool = False
     quick: bool = False
     settings: dict[str, str] = field(default_factory=dict)  # --set: DOCPROC_* for docproc
+    fresh_connections: bool = False  # --fresh-connections: one HTTP connection per upload
     problems: list[str] = field(default_factory=list)
     next_index: int = 0
 

@@ -186,7 +186,8 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
             (data_dir / "mongo.uri").read_text().strip()
         db_name = database if mode == "services" else "docproc"
         mongo: MongoClient[Any] = MongoClient(uri)
-        client = Client("127.0.0.1", port, users, f"{h.run_id}{mode[0]}")
+        client = Client("127.0.0.1", port, users, f"{h.run_id}{mode[0]}",
+                        fresh_connections=h.fresh_connections)
         result["workloads"] = {}
         try:
             for wl in workloads:

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="small,medium,large",
                         help="comma-separated: small, medium, large (default all; the profile "
                              "pass needs small)")
+    parser.add_argument("--fresh-connections", action="store_true",
+                        help="a new HTTP connection per upload, as a phone talking to the server "
+                             "directly would make (default: each client thread keeps its "
+                             "connection, as Kong and Knative's queue-proxy do)")
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory")
     parser.add_argument("--set", action="append", default=[], metavar="DOCPROC_NAME=VALUE",
                         help="a setting for the docproc processes, e.g. to compare one value "
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"serve{args.serve_processes}", args.workers > 0 and args.serve_processes > 1),
         ("retry-writes", args.retry_writes),
         ("replica-set", replica_set and not args.retry_writes), ("set", bool(settings)),
+        ("fresh", args.fresh_connections),
         ("-".join(chosen), len(workloads) < 3))
         if on]
     latest = "-".join(["latest", *variant])
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "modes": {}, "problems": [], "retry_writes": args.retry_writes,
         "mongo_topology": "replica set" if replica_set else "standalone",
         "settings": settings,
+        "client_connections": "fresh per upload" if args.fresh_connections else "kept",
     }
     print(f"docproc bench {run_id}: work dir {work}; load average "
           f"{result['machine']['loadavg_at_start']}", flush=True)
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 step_seconds=args.step_seconds or (20.0 if args.quick else 60.0),
                 retry_writes=args.retry_writes,
                 replica_set=replica_set, quick=args.quick,
-                settings=settings)
+                settings=settings, fresh_connections=args.fresh_connections)
     try:
         with mongo_server(h, "floor") as (mongo_uri, mongo_pid):
             print("floor ...", flush=True)
