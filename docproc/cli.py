@@ -48,7 +48,7 @@ def _worker(args: argparse.Namespace) -> int:
     svc = build_services(settings)
     runner = RabbitRunner(settings.amqp_url, settings.amqp_prefix,
                           EVENT_FUNCTIONS[args.name](svc), RetryPolicy(settings.retry_delays),
-                          args.concurrency or settings.worker_concurrency)
+                          args.concurrency or settings.worker_concurrency, settings.worker_batch)
 
     def stop(_sig: int, _frame: FrameType | None) -> None:
         runner.stop()

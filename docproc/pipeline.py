@@ -43,7 +43,7 @@ class Pipeline:
                     break
                 self.runners.append(RabbitRunner(
                     amqp_url, settings.amqp_prefix, make(self.services), policy,
-                    settings.worker_concurrency))
+                    settings.worker_concurrency, settings.worker_batch))
         else:
             self.services = build_services(settings)
             self.bus = InProcessBus(policy, self.services.mongo.db,

@@ -6,6 +6,13 @@ message is acked, or re-published to a delay queue (retry with backoff) or to th
 dead-letter queue, each publish confirmed by the broker before the original is acked. A
 crash at any point leaves the message unacked, so the broker redelivers it: delivery is at
 least once and handlers are idempotent.
+
+Messages that arrive while every handler thread is busy wait in the process (the prefetch
+allows ``concurrency * batch_size``), and a thread that frees up takes up to ``batch_size``
+of them at once: a subscription with a batch handler then shares its database round trips
+among them. Nothing waits for a batch to fill: a quiet queue hands each message over alone,
+and only a backlog, where throughput is what counts, makes batches. Each message is still
+settled on its own, by its own outcome.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import functools
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+from cloudevents.http import CloudEvent
 from pika.exceptions import AMQPConnectionError, AMQPError
 
 from events import amqp_codec, topology
@@ -36,6 +46,22 @@ RECONNECT_DELAY = 2.0
 STOP_CHECK_SECONDS = 0.2
 
 
+@dataclass(frozen=True)
+class _Message:
+    tag: int
+    props: pika.BasicProperties
+    body: bytes
+
+
+@dataclass
+class _Inbox:
+    """Messages delivered on one connection and not yet taken by a handler thread."""
+
+    waiting: deque[_Message] = field(default_factory=deque)
+    takers: int = 0  # threads taking from it; at most the runner's concurrency
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class RabbitRunner:
     def __init__(
         self,
@@ -44,17 +70,26 @@ class RabbitRunner:
         subscription: Subscription,
         policy: RetryPolicy,
         concurrency: int = 4,
+        batch_size: int = 1,
     ) -> None:
         self.params = pika.URLParameters(url)
         self.prefix = prefix
         self.sub = subscription
         self.policy = policy
         self.concurrency = concurrency
+        # Without a batch handler a thread takes one message at a time whatever is set.
+        self.batch_size = batch_size if subscription.batch is not None else 1
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self._inbox = _Inbox()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def waiting(self) -> int:
+        """Messages delivered to this process and waiting for a free handler thread."""
+        with self._inbox.lock:
+            return len(self._inbox.waiting)
 
     def run(self) -> None:
         """Consume until ``stop()``; reconnects after broker outages."""
@@ -75,8 +110,10 @@ class RabbitRunner:
             chan = conn.channel()
             chan.confirm_delivery()
             topology.declare(chan, self.prefix, self.policy.delays)
-            chan.basic_qos(prefetch_count=self.concurrency)
-            on_message = functools.partial(self._on_message, conn, pool)
+            chan.basic_qos(prefetch_count=self.concurrency * self.batch_size)
+            # What waited on a lost connection is redelivered: start from an empty inbox.
+            self._inbox = _Inbox()
+            on_message = functools.partial(self._on_message, conn, pool, self._inbox)
             chan.basic_consume(topology.queue(self.prefix, self.sub.name), on_message)
             self.ready.set()
             log.info("%s: consuming %s", self.sub.name, topology.queue(self.prefix, self.sub.name))
@@ -103,41 +140,71 @@ class RabbitRunner:
         self,
         conn: pika.BlockingConnection,
         pool: ThreadPoolExecutor,
+        inbox: _Inbox,
         chan: Any,
         method: Any,
         props: pika.BasicProperties,
         body: bytes,
     ) -> None:
-        pool.submit(self._work, conn, chan, method.delivery_tag, props, body)
+        with inbox.lock:
+            inbox.waiting.append(_Message(method.delivery_tag, props, body))
+            if inbox.takers >= self.concurrency:
+                return  # a busy thread takes it when it is done
+            inbox.takers += 1
+        pool.submit(self._take, conn, chan, inbox)
 
-    def _work(
-        self,
-        conn: pika.BlockingConnection,
-        chan: Any,
-        tag: int,
-        props: pika.BasicProperties,
-        body: bytes,
-    ) -> None:
-        error: BaseException | None = None
+    def _take(self, conn: pika.BlockingConnection, chan: Any, inbox: _Inbox) -> None:
+        """Handle what is waiting, up to a batch at a time, until nothing is."""
+        while True:
+            with inbox.lock:
+                if not inbox.waiting:
+                    inbox.takers -= 1
+                    return
+                count = min(self.batch_size, len(inbox.waiting))
+                batch = [inbox.waiting.popleft() for _ in range(count)]
+            for message, error in zip(batch, self._handle(batch), strict=True):
+                settle = functools.partial(self._settle, chan, message.tag, message.props,
+                                           message.body, error)
+                try:
+                    conn.add_callback_threadsafe(settle)
+                except (AMQPError, AttributeError, RuntimeError) as exc:
+                    # The connection died while we worked; the broker will redeliver.
+                    log.warning("%s: could not settle message %s: %s", self.sub.name,
+                                message.props.message_id, exc)
+
+    def _handle(self, batch: list[_Message]) -> list[BaseException | None]:
+        """Each message's outcome: None when handled, else the error it failed with."""
         started = time.monotonic()
-        try:
-            event = amqp_codec.decode(props, body)
-            with handling(event, self.sub.name):
-                self.sub.handler(event)
-        except Exception as exc:
-            error = exc
-            log.warning("%s: handler failed for message %s: %s",
-                        self.sub.name, props.message_id, describe(exc))
+        outcomes: list[BaseException | None] = [None] * len(batch)
+        events: list[CloudEvent] = []
+        at: list[int] = []
+        for i, message in enumerate(batch):
+            try:
+                events.append(amqp_codec.decode(message.props, message.body))
+                at.append(i)
+            except Exception as exc:  # MalformedEvent above all: dead-lettered at once
+                outcomes[i] = exc
+        if len(events) > 1 and self.sub.batch is not None:
+            try:
+                results = self.sub.batch(events)
+            except Exception as exc:  # the batch as a whole failed: each event is retried
+                results = [exc] * len(events)
+            for i, result in zip(at, results, strict=True):
+                outcomes[i] = result
         else:
-            log.debug("%s: handled %s in %.3fs", self.sub.name, props.message_id,
-                      time.monotonic() - started)
-        settle = functools.partial(self._settle, chan, tag, props, body, error)
-        try:
-            conn.add_callback_threadsafe(settle)
-        except (AMQPError, AttributeError, RuntimeError) as exc:
-            # The connection died while we worked; the broker will redeliver the message.
-            log.warning("%s: could not settle message %s: %s", self.sub.name,
-                        props.message_id, exc)
+            for i, event in zip(at, events, strict=True):
+                try:
+                    with handling(event, self.sub.name):
+                        self.sub.handler(event)
+                except Exception as exc:
+                    outcomes[i] = exc
+        for message, error in zip(batch, outcomes, strict=True):
+            if error is not None:
+                log.warning("%s: handler failed for message %s: %s",
+                            self.sub.name, message.props.message_id, describe(error))
+        log.debug("%s: handled %d message(s) in %.3fs", self.sub.name, len(batch),
+                  time.monotonic() - started)
+        return outcomes
 
     def _settle(
         self,

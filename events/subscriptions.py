@@ -6,7 +6,7 @@ the Knative Triggers (knative/) all follow it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cloudevents.http import CloudEvent
@@ -15,6 +15,10 @@ from events.catalog import DOCUMENT_REJECTED, DOCUMENT_STORED, DOCUMENT_UPLOADED
 from events.cloudevent import MalformedEvent
 
 Handler = Callable[[CloudEvent], None]
+# Several events in one call, each with its own outcome (None: handled; an exception: that
+# event alone is retried or dead-lettered), as AWS Powertools' batch processing reports
+# partial failures. The handler's database round trips are then shared by the batch.
+BatchHandler = Callable[[Sequence[CloudEvent]], list[BaseException | None]]
 
 ROUTES: dict[str, tuple[str, ...]] = {
     "storage": (DOCUMENT_UPLOADED,),
@@ -26,6 +30,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
 class Subscription:
     name: str
     handler: Handler
+    batch: BatchHandler | None = None
 
     @property
     def types(self) -> tuple[str, ...]:

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         default=4, ge=1, le=256, validation_alias="DOCPROC_WORKER_CONCURRENCY"
     )
+    # The most events a handler thread takes in one call when a backlog waits (RabbitMQ
+    # runner, events/runner.py); 1 hands them over one at a time.
+    worker_batch: int = Field(default=4, ge=1, le=64, validation_alias="DOCPROC_WORKER_BATCH")
     event_source: str = Field(default="/docproc", validation_alias="DOCPROC_EVENT_SOURCE")
 
     @field_validator("allowed_types", mode="before")

@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from shared.documents import utcnow
 
 RELEASED = datetime(1970, 1, 1, tzinfo=UTC)
 COMPLETED = datetime(9999, 1, 1, tzinfo=UTC)
+DUPLICATE_KEY = 11000
 # Indexes earlier versions made that nothing queries: the claim's whole filter
 # ({_id, lease_until}; both servers look the `_id` up without it) and `document_id`.
 RETIRED_INDEXES = ("id_lease", "document")
@@ -26,6 +28,10 @@ RETIRED_INDEXES = ("id_lease", "document")
 
 class DeliveryInProgress(Exception):
     """Another worker holds the lease; the event is retried later."""
+
+
+# A finished delivery: its key, its outcome, the devices reached in its last round.
+Completion = tuple[str, dict[str, Any], list[tuple[str, str | None]] | None]
 
 
 @dataclass
@@ -50,23 +56,56 @@ class DeliveryRepository:
 
     def claim(self, key: str, document_id: str, owner: str, lease: float) -> Delivery:
         now = utcnow()
-        until = now + timedelta(seconds=lease)
         try:
             # The first attempt (nearly every one) creates the record: an insert costs the
             # database less than an upsert, which looks for a record before it inserts.
-            self.col.insert_one({
-                "_id": key, "document_id": document_id, "owner": owner, "state": "in_progress",
-                "lease_until": until, "attempts": 1, "sent": [], "created_at": now,
-                "updated_at": now,
-            })
+            self.col.insert_one(self._record(key, document_id, owner, now, lease))
             return Delivery(key=key, completed=False)  # nothing sent yet
         except DuplicateKeyError:
-            pass
+            return self._claim_existing(key, now, lease)
+
+    def claim_many(self, claims: list[tuple[str, str, str]], lease: float,
+                   ) -> list[Delivery | Exception]:
+        """``claim`` for (key, document id, owner) triples with distinct keys, the first
+        attempts in one insert: each one's delivery, or why it cannot be claimed now."""
+        now = utcnow()
+        taken: dict[int, Exception | None] = {}
+        try:
+            self.col.insert_many([self._record(key, doc_id, owner, now, lease)
+                                  for key, doc_id, owner in claims], ordered=False)
+        except BulkWriteError as exc:
+            for error in exc.details.get("writeErrors", []):
+                duplicate = error.get("code") == DUPLICATE_KEY
+                taken[error["index"]] = None if duplicate else exc
+        results: list[Delivery | Exception] = []
+        for i, (key, _, _) in enumerate(claims):
+            if i not in taken:
+                results.append(Delivery(key=key, completed=False))
+                continue
+            error = taken[i]
+            if error is not None:
+                results.append(error)
+                continue
+            try:
+                results.append(self._claim_existing(key, now, lease))
+            except Exception as exc:  # DeliveryInProgress above all: that event retries
+                results.append(exc)
+        return results
+
+    @staticmethod
+    def _record(key: str, document_id: str, owner: str, now: datetime,
+                lease: float) -> dict[str, Any]:
+        return {"_id": key, "document_id": document_id, "owner": owner, "state": "in_progress",
+                "lease_until": now + timedelta(seconds=lease), "attempts": 1, "sent": [],
+                "created_at": now, "updated_at": now}
+
+    def _claim_existing(self, key: str, now: datetime, lease: float) -> Delivery:
         # Released records lease until the epoch and completed ones until the end of time,
         # so one range on lease_until says "free to claim".
         result = self.col.update_one(
             {"_id": key, "lease_until": {"$lt": now}},
-            {"$set": {"state": "in_progress", "lease_until": until, "updated_at": now},
+            {"$set": {"state": "in_progress", "lease_until": now + timedelta(seconds=lease),
+                      "updated_at": now},
              "$inc": {"attempts": 1}},
         )
         # A separate read, as find_one_and_update costs SecantusDB time in proportion to the
@@ -89,13 +128,26 @@ class DeliveryRepository:
     def complete(self, key: str, outcome: dict[str, Any],
                  sent: list[tuple[str, str | None]] | None = None) -> None:
         """Done; the devices reached in this last round are recorded in the same write."""
+        self.col.update_one({"_id": key}, self._completion(outcome, sent))
+
+    def complete_many(self, completions: list[Completion]) -> None:
+        """``complete`` for several deliveries, in one round trip."""
+        if len(completions) == 1:
+            self.complete(*completions[0])
+        elif completions:
+            self.col.bulk_write([UpdateOne({"_id": key}, self._completion(outcome, sent))
+                                 for key, outcome, sent in completions], ordered=False)
+
+    @staticmethod
+    def _completion(outcome: dict[str, Any],
+                    sent: list[tuple[str, str | None]] | None) -> dict[str, Any]:
         now = utcnow()
         update: dict[str, Any] = {"$set": {"state": "completed", "lease_until": COMPLETED,
                                            "completed_at": now, "outcome": outcome}}
         if sent:
             update["$push"] = {"sent": {"$each": [
                 {"token": t, "message_id": m, "at": now} for t, m in sent]}}
-        self.col.update_one({"_id": key}, update)
+        return update
 
     def release(self, key: str, error: str) -> None:
         self.col.update_one(

@@ -11,6 +11,7 @@ Run alone with ``functions-framework --source functions/notification/main.py
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import flask
 import functions_framework
@@ -19,8 +20,9 @@ from cloudevents.http import CloudEvent
 from docproc.health import add_to_flask
 from docproc.runtime import Services, as_http_status, services
 from events.catalog import DocumentRejected, DocumentStored
-from events.cloudevent import MalformedEvent, validate
+from events.cloudevent import MalformedEvent, handling, validate
 from events.subscriptions import Subscription, describe
+from shared.deliveries import Completion, Delivery
 from shared.observability import NOTIFICATIONS
 from shared.push import PushMessage, PushResult
 
@@ -41,23 +43,91 @@ class PushNotDelivered(Exception):
 
 
 def handle(svc: Services, event: CloudEvent) -> None:
+    key, data = _parse(event)
+    delivery = svc.deliveries.claim(key, data.document_id, data.owner, LEASE_SECONDS)
+    completion = _attempt(svc, key, data, delivery)
+    if completion is not None:
+        try:
+            svc.deliveries.complete(*completion)
+        except BaseException as exc:
+            svc.deliveries.release(key, describe(exc))
+            raise
+
+
+def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseException | None]:
+    """``handle`` for several events, with one write for their claims and one for their
+    completions; each event's outcome on its own."""
+    outcomes: list[BaseException | None] = [None] * len(events)
+    parsed: dict[str, tuple[int, DocumentStored | DocumentRejected]] = {}
+    again: list[int] = []  # the same event twice in one batch: the second goes after
+    for i, event in enumerate(events):
+        try:
+            key, data = _parse(event)
+        except MalformedEvent as exc:
+            outcomes[i] = exc
+            continue
+        if key in parsed:
+            again.append(i)
+        else:
+            parsed[key] = (i, data)
+    claims = svc.deliveries.claim_many(
+        [(key, data.document_id, data.owner) for key, (_, data) in parsed.items()],
+        LEASE_SECONDS)
+    completions: list[tuple[int, Completion]] = []
+    for (key, (i, data)), claim in zip(parsed.items(), claims, strict=True):
+        if isinstance(claim, Exception):
+            outcomes[i] = claim
+            continue
+        with handling(events[i], "notification"):
+            try:
+                completion = _attempt(svc, key, data, claim)
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+        if completion is not None:
+            completions.append((i, completion))
+    try:
+        svc.deliveries.complete_many([completion for _, completion in completions])
+    except Exception as exc:
+        # Sent but not recorded: released, as one event's failed completion is, to be retried.
+        for i, (key, _, _) in completions:
+            outcomes[i] = exc
+            try:
+                svc.deliveries.release(key, describe(exc))
+            except Exception as also:  # the lease runs out by itself
+                log.warning("could not release delivery %s: %s", key, describe(also))
+    for i in again:
+        try:
+            with handling(events[i], "notification"):
+                handle(svc, events[i])
+        except Exception as exc:
+            outcomes[i] = exc
+    return outcomes
+
+
+def _parse(event: CloudEvent) -> tuple[str, DocumentStored | DocumentRejected]:
     data = validate(event)
     if not isinstance(data, DocumentStored | DocumentRejected):
         raise MalformedEvent(f"notification does not handle {event['type']}")
-    key = str(event["id"])
-    delivery = svc.deliveries.claim(key, data.document_id, data.owner, LEASE_SECONDS)
+    return str(event["id"]), data
+
+
+def _attempt(svc: Services, key: str, data: DocumentStored | DocumentRejected,
+             delivery: Delivery) -> Completion | None:
+    """Send what a claimed delivery still owes; its completion to record, or None when an
+    earlier attempt completed it. Releases the claim if anything fails."""
     if delivery.completed:
         log.info("delivery %s already completed; nothing sent", key)
-        return
+        return None
     try:
-        _deliver(svc, key, data, delivery.sent_tokens)
+        return _deliver(svc, key, data, delivery.sent_tokens)
     except BaseException as exc:
         svc.deliveries.release(key, describe(exc))
         raise
 
 
 def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
-             already: set[str]) -> None:
+             already: set[str]) -> Completion:
     user = svc.users.get(data.owner)
     tokens = [d.token for d in user.devices] if user and user.status == "active" else []
     messages = [_message(token, data) for token in tokens if token not in already]
@@ -84,14 +154,14 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
         hints = [r.retry_after for r in later if r.retry_after is not None]
         raise PushNotDelivered(f"{len(later)} device(s) to retry: {later[0].error}",
                                max(hints) if hints else None)
-    svc.deliveries.complete(key, {
+    log.info("announced %s of document %s to %d of %d device(s)", data.__class__.__name__,
+             data.document_id, len(already) + len(sent), len(tokens))
+    return key, {
         "devices": len(tokens),
         "sent": len(already) + len(sent),
         "unregistered": len(unregistered),
         "failed": len(failed),
-    }, sent)
-    log.info("announced %s of document %s to %d of %d device(s)", data.__class__.__name__,
-             data.document_id, len(already) + len(sent), len(tokens))
+    }, sent
 
 
 def _message(token: str, data: DocumentStored | DocumentRejected) -> PushMessage:
@@ -112,7 +182,8 @@ def _message(token: str, data: DocumentStored | DocumentRejected) -> PushMessage
 
 
 def subscription(svc: Services) -> Subscription:
-    return Subscription("notification", lambda event: handle(svc, event))
+    return Subscription("notification", lambda event: handle(svc, event),
+                        lambda events: handle_batch(svc, events))
 
 
 @functions_framework.cloud_event

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +31,7 @@ from events.catalog import (
     DocumentStored,
     DocumentUploaded,
 )
-from events.cloudevent import data_as, make_event
+from events.cloudevent import MalformedEvent, data_as, handling, make_event
 from events.subscriptions import Subscription
 from shared.blobstore import Area, release_pages
 from shared.documents import Document, Status
@@ -56,10 +57,45 @@ class Verdict:
 
 def handle(svc: Services, event: CloudEvent) -> None:
     data = data_as(event, DocumentUploaded)
-    doc = svc.documents.get(data.document_id)
+    _store(svc, event, data.document_id, svc.documents.get(data.document_id))
+
+
+def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseException | None]:
+    """``handle`` for several events, their records read in one query; each event's outcome
+    on its own."""
+    outcomes: list[BaseException | None] = [None] * len(events)
+    first: dict[str, int] = {}
+    again: list[int] = []  # the same document twice in one batch: the second goes after
+    for i, event in enumerate(events):
+        try:
+            doc_id = data_as(event, DocumentUploaded).document_id
+        except MalformedEvent as exc:
+            outcomes[i] = exc
+            continue
+        if doc_id in first:
+            again.append(i)
+        else:
+            first[doc_id] = i
+    docs = svc.documents.get_many(list(first))
+    for doc_id, i in first.items():
+        with handling(events[i], "storage"):
+            try:
+                _store(svc, events[i], doc_id, docs.get(doc_id))
+            except Exception as exc:
+                outcomes[i] = exc
+    for i in again:
+        with handling(events[i], "storage"):
+            try:
+                handle(svc, events[i])
+            except Exception as exc:
+                outcomes[i] = exc
+    return outcomes
+
+
+def _store(svc: Services, event: CloudEvent, doc_id: str, doc: Document | None) -> None:
     if doc is None:
         # The upload was withdrawn before it was acknowledged; nothing to store.
-        log.warning("document %s from event %s does not exist", data.document_id, event["id"])
+        log.warning("document %s from event %s does not exist", doc_id, event["id"])
         return
     if doc.status == Status.DELETED:
         log.info("document %s was deleted before it was stored", doc.id)
@@ -198,7 +234,8 @@ def _announce(svc: Services, doc: Document) -> None:
 
 
 def subscription(svc: Services) -> Subscription:
-    return Subscription("storage", lambda event: handle(svc, event))
+    return Subscription("storage", lambda event: handle(svc, event),
+                        lambda events: handle_batch(svc, events))
 
 
 @functions_framework.cloud_event

@@ -1,0 +1,209 @@
+"""Events handled in batches: the RabbitMQ runner hands a backlog to a function several
+events at a time, each settled by its own outcome, and the storage and notification
+functions share their database round trips among a batch without changing what each event
+does (stored once, pushed once, a failure retried alone)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pika
+import pymongo
+import pytest
+import requests
+from cloudevents.http import CloudEvent
+
+from events import amqp_codec, topology
+from events.catalog import DOCUMENT_STORED, DOCUMENT_UPLOADED, DocumentUploaded
+from events.cloudevent import MalformedEvent, make_event
+from events.publisher import AmqpPublisher
+from events.runner import RabbitRunner
+from events.subscriptions import RetryPolicy, Subscription
+from functions.notification.main import handle_batch as notify_batch
+from functions.storage.main import handle_batch as store_batch
+from shared.config import Settings
+from shared.deliveries import DeliveryRepository
+from shared.documents import DocumentRepository, Status
+from shared.ids import new_document_id
+from tests import samples
+from tests.conftest import Running, serving
+from tests.fcm_stub import FcmStub
+from tests.helpers import Commands, register_device, upload, wait_for
+
+pytestmark = pytest.mark.services
+
+
+def _uploaded(doc_id: str) -> CloudEvent:
+    return make_event(
+        DOCUMENT_UPLOADED, "/tests", doc_id,
+        DocumentUploaded(document_id=doc_id, owner="driver-1", filename="x.pdf",
+                         declared_type="application/pdf", size=10, sha256="0" * 64),
+    )
+
+
+def test_a_backlog_is_handed_over_in_batches_each_event_settled_alone(
+    service_settings: Callable[..., Settings],
+) -> None:
+    settings = service_settings()
+    gate = threading.Event()
+    lock = threading.Lock()
+    calls: list[list[str]] = []
+    handled: list[str] = []
+    failing: set[str] = set()  # fail once, in whatever batch they come
+
+    def one(event: CloudEvent) -> None:
+        with lock:
+            calls.append([str(event["id"])])
+        gate.wait(10)  # hold the only thread while the backlog builds up
+        with lock:
+            handled.append(str(event["id"]))
+
+    def many(events: Sequence[CloudEvent]) -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = []
+        with lock:
+            calls.append([str(e["id"]) for e in events])
+            for event in events:
+                if str(event["id"]) in failing:
+                    failing.discard(str(event["id"]))
+                    outcomes.append(ConnectionError("briefly unreachable"))
+                else:
+                    handled.append(str(event["id"]))
+                    outcomes.append(None)
+        return outcomes
+
+    runner = RabbitRunner(settings.amqp_url or "", settings.amqp_prefix,
+                          Subscription("storage", one, many),
+                          RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
+                              settings.retry_delays)
+    try:
+        assert runner.ready.wait(10)
+        events = [_uploaded(new_document_id()) for _ in range(9)]
+        ids = [str(e["id"]) for e in events]
+        failing.add(ids[2])
+        publisher.publish(events[0])
+        wait_for(lambda: calls, what="the first event to be taken")
+        for event in events[1:]:
+            publisher.publish(event)
+        # The prefetch (concurrency x batch) lets three more wait while the thread is held.
+        wait_for(lambda: runner.waiting() >= 3 or None, what="the backlog to arrive")
+        gate.set()
+        wait_for(lambda: len(handled) == 9 or None, what="every event to be handled")
+        assert sorted(handled) == sorted(ids)  # each once, the failed one after its retry
+        assert calls[0] == [ids[0]]
+        assert calls[1] == ids[1:4]  # what waited, in one call
+        assert max(len(c) for c in calls) <= 4
+        assert sum(c.count(ids[2]) for c in calls) == 2  # failed in its batch, retried alone
+    finally:
+        gate.set()
+        publisher.close()
+        runner.stop()
+        thread.join(10)
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        chan = conn.channel()
+        dead = chan.queue_declare(topology.dead_letter_queue(settings.amqp_prefix, "storage"),
+                                  passive=True)
+        left = chan.queue_declare(topology.queue(settings.amqp_prefix, "storage"),
+                                  passive=True)
+        assert (dead.method.message_count, left.method.message_count) == (0, 0)
+    finally:
+        conn.close()
+
+
+def _take(settings: Settings, function: str, count: int) -> list[CloudEvent]:
+    """The events waiting in a function's queue (nobody consumes it in these tests)."""
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    taken: list[CloudEvent] = []
+    try:
+        chan = conn.channel()
+        queue = topology.queue(settings.amqp_prefix, function)
+
+        def fetch() -> bool | None:
+            method, props, body = chan.basic_get(queue, auto_ack=True)
+            if method is not None:
+                taken.append(amqp_codec.decode(props, body))
+            return True if len(taken) >= count else None
+
+        wait_for(fetch, what=f"{count} events in {queue}")
+    finally:
+        conn.close()
+    return taken
+
+
+@contextmanager
+def _counted(running: Running, *commands: Commands) -> Iterator[None]:
+    """The pipeline's repositories on a client that counts the commands it sends."""
+    svc = running.svc
+    settings = svc.settings
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        settings.mongodb_uri, tz_aware=True, event_listeners=list(commands))
+    db = client[settings.mongodb_database]
+    documents, deliveries = svc.documents, svc.deliveries
+    svc.documents, svc.deliveries = DocumentRepository(db), DeliveryRepository(db)
+    try:
+        yield
+    finally:
+        svc.documents, svc.deliveries = documents, deliveries
+        client.close()
+
+
+@pytest.fixture
+def idle(service_settings: Callable[..., Settings]) -> Iterator[Running]:
+    """The pipeline answering HTTP and publishing, with no function consuming the events."""
+    with serving(service_settings, consumers=False) as run:
+        yield run
+
+
+def test_storage_and_notification_batches_share_their_round_trips(
+    idle: Running, http: requests.Session, fcm: FcmStub,
+) -> None:
+    register_device(http, idle.base_url, "phone-batch")
+    bodies = [samples.pdf(samples.marker()) for _ in range(3)]
+    ids = [upload(http, idle.base_url, body, "application/pdf").json()["id"]
+           for body in bodies]
+    uploaded = _take(idle.svc.settings, "storage", 3)
+    assert sorted(str(e["subject"]) for e in uploaded) == sorted(ids)
+    missing = _uploaded(new_document_id())  # withdrawn before it was acknowledged
+    wrong = CloudEvent({"type": DOCUMENT_STORED, "source": "/tests", "id": "wrong-1",
+                        "subject": ids[0], "specversion": "1.0"}, uploaded[0].get_data())
+    batch = [uploaded[0], uploaded[1], wrong, uploaded[2], uploaded[0], missing]
+
+    finds = Commands("find", "documents")
+    with _counted(idle, finds):
+        outcomes = store_batch(idle.svc, batch)
+    assert [type(o).__name__ if o else None for o in outcomes] == [
+        None, None, MalformedEvent.__name__, None, None, None]
+    # One query for the batch, one more for the duplicate, which goes after it.
+    assert finds.count == 2
+    for doc_id in ids:
+        record = idle.svc.documents.get(doc_id)
+        assert record is not None
+        assert record.status == Status.STORED
+    assert idle.svc.documents.get(str(missing["subject"])) is None
+
+    # Each document announced once, and the duplicate's outcome again (the same event id).
+    stored = _take(idle.svc.settings, "notification", 4)
+    assert sorted(str(e["id"]) for e in stored) == sorted(
+        [f"{d}.stored" for d in ids] + [f"{ids[0]}.stored"])
+    inserts = Commands("insert", "deliveries")
+    updates = Commands("update", "deliveries")
+    with _counted(idle, inserts, updates):
+        assert notify_batch(idle.svc, stored) == [None] * 4
+        assert notify_batch(idle.svc, stored[:3]) == [None] * 3  # redelivered: nothing sent
+    # A batch's claims in one insert and its completions in one update. The duplicate within
+    # the first batch goes after it (an insert, then the update that finds it completed), as
+    # every event of the second batch does after their one insert.
+    assert (inserts.count, updates.count) == (1 + 1 + 1, 1 + 1 + 3)
+    pushes = fcm.messages_for("phone-batch")
+    assert sorted(p["data"]["document_id"] for p in pushes) == sorted(ids)
+    for doc_id in ids:
+        delivery = idle.svc.deliveries.get(f"{doc_id}.stored")
+        assert delivery is not None
+        assert delivery["state"] == "completed"
+        assert [s["token"] for s in delivery["sent"]] == ["phone-batch"]
