@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
@@ -149,6 +149,18 @@ INSERT_ATTEMPTS = 3
 # candidate instead of first trying every index for the pair of equalities. The write that
 # ends every document costs its server a fifth less CPU (bench/README.md, Findings 31).
 STILL_PROCESSING: dict[str, Any] = {"$not": {"$ne": Status.PROCESSING.value}}
+
+
+# A document, the outcome it moves to, and the fields that outcome records (finish).
+Outcome = tuple["Document", Status, dict[str, Any]]
+
+
+def _same_ms(value: Any, when: datetime) -> bool:
+    """Whether a stored time is ``when``: the server may hand it back without a time zone."""
+    if not isinstance(value, datetime):
+        return False
+    stored: datetime = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return stored == when
 
 
 def slot(owner: str, value: str) -> str:
@@ -331,22 +343,50 @@ class DocumentRepository:
         here: the event being handled stays unacknowledged until it is published, so a crash
         in between redelivers it and the outcome is announced again (see
         ``record_unpublished`` for a publish that fails)."""
+        return self.finish_many([(doc, status, fields)])[0]
+
+    def finish_many(self, outcomes: list[Outcome]) -> list[Document | None]:
+        """``finish`` for several documents (distinct ids) in one round trip."""
         now = utcnow()
-        changes: dict[str, Any] = {"status": status.value, "updated_at": now, "outbox": [],
-                                   **fields}
+        changed: list[dict[str, Any]] = []
+        writes: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for doc, status, fields in outcomes:
+            changes: dict[str, Any] = {"status": status.value, "updated_at": now,
+                                       "outbox": [], **fields}
+            unset = {"outbox_due": ""}
+            if status not in LIVE:
+                # A failed document's bytes may be uploaded again, as a new document.
+                unset[CONTENT_SLOT] = ""
+            changed.append(changes)
+            writes.append(({"_id": doc.id, "status": STILL_PROCESSING},
+                           {"$set": changes, "$unset": unset}))
         # update_one, not find_one_and_update: on SecantusDB the latter costs time in
         # proportion to the collection, whatever the filter. No read follows: the outcome
         # and its time are what callers use, and those are exactly what this write set (an
         # agent's concurrent edit of, say, the tags is not in the returned copy).
-        unset = {"outbox_due": ""}
-        if status not in LIVE:
-            # A failed document's bytes may be uploaded again, as a new document.
-            unset[CONTENT_SLOT] = ""
-        result = self.col.update_one({"_id": doc.id, "status": STILL_PROCESSING},
-                                     {"$set": changes, "$unset": unset})
-        if result.modified_count != 1:
-            return None
-        return doc.model_copy(update={**changes, "status": status, "outbox_due": None})
+        if len(writes) == 1:
+            modified = self.col.update_one(*writes[0]).modified_count
+        else:
+            modified = self.col.bulk_write([UpdateOne(flt, update) for flt, update in writes],
+                                           ordered=False).modified_count
+        if modified == len(outcomes):
+            finished = [True] * len(outcomes)
+        elif modified == 0:
+            finished = [False] * len(outcomes)
+        else:
+            # The counts do not say which: a record that shows this write's outcome and
+            # time (to the millisecond) was ours.
+            current = {raw["_id"]: raw for raw in self.col.find(
+                {"_id": {"$in": [doc.id for doc, _, _ in outcomes]}},
+                {"status": 1, "updated_at": 1})}
+            finished = [
+                (raw := current.get(doc.id)) is not None and raw.get("status") == status.value
+                and _same_ms(raw.get("updated_at"), now)
+                for doc, status, _ in outcomes]
+        return [doc.model_copy(update={**changes, "status": status, "outbox_due": None})
+                if done else None
+                for (doc, status, _), changes, done in zip(outcomes, changed, finished,
+                                                           strict=True)]
 
     def record_unpublished(self, doc_id: str, event: OutboxEvent) -> None:
         """An event the broker did not take: into the record's outbox, due at once, so the

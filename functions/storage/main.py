@@ -34,7 +34,7 @@ from events.catalog import (
 from events.cloudevent import MalformedEvent, data_as, handling, make_event
 from events.subscriptions import Subscription
 from shared.blobstore import Area, release_pages
-from shared.documents import Document, Status
+from shared.documents import Document, Outcome, Status
 from shared.envelope import EnvelopeError, EnvelopeReader, decrypt_stream
 from shared.inspection import SNIFF_BYTES, InvalidDocument, extract_metadata, sniff
 from shared.observability import PROCESSING
@@ -57,12 +57,14 @@ class Verdict:
 
 def handle(svc: Services, event: CloudEvent) -> None:
     data = data_as(event, DocumentUploaded)
-    _store(svc, event, data.document_id, svc.documents.get(data.document_id))
+    decided = _decide(svc, event, data.document_id, svc.documents.get(data.document_id))
+    if decided is not None:
+        _conclude(svc, decided, svc.documents.finish_many([decided.outcome])[0])
 
 
 def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseException | None]:
-    """``handle`` for several events, their records read in one query; each event's outcome
-    on its own."""
+    """``handle`` for several events: their records read in one query and their outcomes
+    recorded in one write; each event's outcome on its own."""
     outcomes: list[BaseException | None] = [None] * len(events)
     first: dict[str, int] = {}
     again: list[int] = []  # the same document twice in one batch: the second goes after
@@ -77,10 +79,26 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
         else:
             first[doc_id] = i
     docs = svc.documents.get_many(list(first))
+    pending: list[tuple[int, _Decided]] = []
     for doc_id, i in first.items():
         with handling(events[i], "storage"):
             try:
-                _store(svc, events[i], doc_id, docs.get(doc_id))
+                decided = _decide(svc, events[i], doc_id, docs.get(doc_id))
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+        if decided is not None:
+            pending.append((i, decided))
+    try:
+        finished = svc.documents.finish_many([decided.outcome for _, decided in pending])
+    except Exception as exc:  # nothing recorded: every one of them is retried
+        for i, _ in pending:
+            outcomes[i] = exc
+        finished = []
+    for (i, decided), done in zip(pending, finished, strict=True):
+        with handling(events[i], "storage"):
+            try:
+                _conclude(svc, decided, done)
             except Exception as exc:
                 outcomes[i] = exc
     for i in again:
@@ -92,45 +110,59 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
     return outcomes
 
 
-def _store(svc: Services, event: CloudEvent, doc_id: str, doc: Document | None) -> None:
+@dataclass
+class _Decided:
+    """A document examined: the outcome to record and the event that announces it."""
+
+    outcome: Outcome
+    event: CloudEvent
+
+
+def _decide(svc: Services, event: CloudEvent, doc_id: str,
+            doc: Document | None) -> _Decided | None:
+    """Examine a `processing` document and decide its outcome (the object already in place
+    when stored); None when there is nothing to record."""
     if doc is None:
         # The upload was withdrawn before it was acknowledged; nothing to store.
         log.warning("document %s from event %s does not exist", doc_id, event["id"])
-        return
+        return None
     if doc.status == Status.DELETED:
         log.info("document %s was deleted before it was stored", doc.id)
-        return
+        return None
     if doc.status != Status.PROCESSING:
         # A redelivery after the outcome was recorded: announce it again (same event id, so
         # consumers see a duplicate, not a second outcome).
         _announce(svc, doc)
-        return
+        return None
     area = Area.STAGING if svc.blobs.exists(Area.STAGING, doc.id) else Area.OBJECTS
     data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
     verdict = _examine(svc, doc, area, data_key)
-    if verdict.status == Status.STORED:
-        if area == Area.STAGING:
-            svc.blobs.promote(doc.id)
-        link = svc.links.sign(doc.id, svc.settings.link_ttl_seconds)
-        expires = datetime.fromtimestamp(link.expires, UTC)
-        event_out = _stored_event(svc, doc, verdict.media_type or doc.declared_type, link.url,
-                                  expires)
-        finished = svc.documents.finish(
-            doc, Status.STORED, media_type=verdict.media_type,
-            metadata=verdict.metadata,
-            download_url_enc=seal(data_key, link.url.encode(), doc.id.encode()),
-            download_url_expires=expires,
-        )
-    else:
-        event_out = _rejected_event(svc, doc, verdict.status, verdict.reason)
-        finished = svc.documents.finish(doc, verdict.status, reason=verdict.reason,
-                                        media_type=verdict.media_type)
+    if verdict.status != Status.STORED:
+        return _Decided((doc, verdict.status, {"reason": verdict.reason,
+                                               "media_type": verdict.media_type}),
+                        _rejected_event(svc, doc, verdict.status, verdict.reason))
+    if area == Area.STAGING:
+        svc.blobs.promote(doc.id)
+    link = svc.links.sign(doc.id, svc.settings.link_ttl_seconds)
+    expires = datetime.fromtimestamp(link.expires, UTC)
+    fields = {"media_type": verdict.media_type, "metadata": verdict.metadata,
+              "download_url_enc": seal(data_key, link.url.encode(), doc.id.encode()),
+              "download_url_expires": expires}
+    return _Decided((doc, Status.STORED, fields),
+                    _stored_event(svc, doc, verdict.media_type or doc.declared_type, link.url,
+                                  expires))
+
+
+def _conclude(svc: Services, decided: _Decided, finished: Document | None) -> None:
+    """Announce the outcome we recorded, or, when the document had left `processing`
+    meanwhile, the one it has."""
+    doc = decided.outcome[0]
     if finished is not None:
         PROCESSING.labels(finished.status.value).observe(
             (finished.updated_at - finished.created_at).total_seconds())
         if finished.status != Status.STORED:
             svc.blobs.delete(Area.STAGING, doc.id)
-        publish_outcome(svc, doc.id, event_out)
+        publish_outcome(svc, doc.id, decided.event)
         return
     current = svc.documents.get(doc.id)
     if current is None:

@@ -15,6 +15,7 @@ import pymongo
 import pytest
 import requests
 from cloudevents.http import CloudEvent
+from pymongo import monitoring
 
 from events import amqp_codec, topology
 from events.catalog import DOCUMENT_STORED, DOCUMENT_UPLOADED, DocumentUploaded
@@ -136,6 +137,20 @@ def _take(settings: Settings, function: str, count: int) -> list[CloudEvent]:
     return taken
 
 
+class _Finishes(Commands):
+    """The statements of each write that moves documents out of `processing`."""
+
+    def __init__(self) -> None:
+        super().__init__("update", "documents")
+        self.statements: list[int] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "update" and event.command.get("update") == "documents":
+            finishing = [u for u in event.command.get("updates", []) if "status" in u["q"]]
+            if finishing:
+                self.statements.append(len(finishing))
+
+
 @contextmanager
 def _counted(running: Running, *commands: Commands) -> Iterator[None]:
     """The pipeline's repositories on a client that counts the commands it sends."""
@@ -175,12 +190,15 @@ def test_storage_and_notification_batches_share_their_round_trips(
     batch = [uploaded[0], uploaded[1], wrong, uploaded[2], uploaded[0], missing]
 
     finds = Commands("find", "documents")
-    with _counted(idle, finds):
+    outcomes_written = _Finishes()
+    with _counted(idle, finds, outcomes_written):
         outcomes = store_batch(idle.svc, batch)
     assert [type(o).__name__ if o else None for o in outcomes] == [
         None, None, MalformedEvent.__name__, None, None, None]
-    # One query for the batch, one more for the duplicate, which goes after it.
+    # One query for the batch, one more for the duplicate, which goes after it; the three
+    # outcomes in one write.
     assert finds.count == 2
+    assert outcomes_written.statements == [3]
     for doc_id in ids:
         record = idle.svc.documents.get(doc_id)
         assert record is not None

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from shared.documents import Document, DocumentRepository, OutboxEvent, Status, utcnow
+from shared.documents import (
+    Document,
+    DocumentRepository,
+    OutboxEvent,
+    Outcome,
+    Status,
+    utcnow,
+)
 from tests.services import MongoServer, documents_repository, unique
 
 pytestmark = pytest.mark.services
@@ -97,6 +104,30 @@ def test_finish_leaves_a_document_deleted_while_it_was_processed(
     raw = _raw(repo, doc.id)
     assert (raw["status"], raw["deleted_by"]) == ("deleted", "agent-1")
     assert "reason" not in raw
+
+
+def test_finish_many_says_which_documents_it_finished(repo: DocumentRepository) -> None:
+    """One write for a batch's outcomes; a document that left `processing` meanwhile (here
+    deleted, or finished by a duplicate) is reported as not finished, the others as done."""
+    docs = [_recorded(repo) for _ in range(4)]
+    assert repo.tombstone(docs[1].id, by="agent-1") is not None
+    assert repo.finish(docs[3], Status.REJECTED, reason="first") is not None
+    finished = repo.finish_many([(docs[0], Status.STORED, {"media_type": "application/pdf"}),
+                                 (docs[1], Status.STORED, {}),
+                                 (docs[2], Status.FAILED, {"reason": "broken"}),
+                                 (docs[3], Status.STORED, {})])
+    assert [d.status if d else None for d in finished] == [Status.STORED, None, Status.FAILED,
+                                                           None]
+    assert [_raw(repo, d.id)["status"] for d in docs] == ["stored", "deleted", "failed",
+                                                          "rejected"]
+    assert finished[0] is not None
+    assert finished[0].media_type == "application/pdf"
+    assert finished[0].updated_at == _raw(repo, docs[0].id)["updated_at"]
+    assert "content_slot" not in _raw(repo, docs[2].id)  # failed: its bytes may come again
+    everything: list[Outcome] = [(d, Status.STORED, {})
+                                 for d in (_recorded(repo), _recorded(repo))]
+    assert all(repo.finish_many(everything))
+    assert repo.finish_many(everything) == [None, None]
 
 
 def test_an_outcome_the_broker_refused_is_due_for_the_relay_at_once(
