@@ -44,23 +44,39 @@ _PDF_WALK_CACHED: Final = 1_000  # of those, how many pypdf may keep cached at a
 _PDF_MAX_PAGE_TREE_ENTRIES: Final = 20_000
 
 
-def _pdf_limits() -> AbstractContextManager[object]:
-    """pypdf limits for this inspection only (a context variable, so other threads and other
-    users of pypdf keep theirs): inflate little, since only structure is read."""
+def _limited_configuration() -> Any:
+    """pypdf's configuration with this inspection's limits (inflate little, since only
+    structure is read), made once; None on pypdf < 6.18, whose 75 MB defaults then apply."""
     try:
-        from pypdf import Configuration, apply_configuration
-    except ImportError:  # pypdf < 6.18 has no per-context limits; its 75 MB defaults apply
-        return contextlib.nullcontext()
-    wanted = {"zlib_maximum_output_length": _PDF_MAX_DECODED,
-              "lzw_maximum_output_length": _PDF_MAX_DECODED,
-              "run_length_maximum_output_length": _PDF_MAX_DECODED,
-              "brotli_maximum_output_length": _PDF_MAX_DECODED,
-              "array_based_stream_maximum_output_length": _PDF_MAX_DECODED,
-              "stream_decoding_work_maximum_length": 4 * _PDF_MAX_DECODED,
-              "page_tree_maximum_entries": _PDF_MAX_PAGE_TREE_ENTRIES}
+        from pypdf import Configuration
+    except ImportError:
+        return None
+    wanted: dict[str, Any] = {
+        "zlib_maximum_output_length": _PDF_MAX_DECODED,
+        "lzw_maximum_output_length": _PDF_MAX_DECODED,
+        "run_length_maximum_output_length": _PDF_MAX_DECODED,
+        "brotli_maximum_output_length": _PDF_MAX_DECODED,
+        "array_based_stream_maximum_output_length": _PDF_MAX_DECODED,
+        "stream_decoding_work_maximum_length": 4 * _PDF_MAX_DECODED,
+        "page_tree_maximum_entries": _PDF_MAX_PAGE_TREE_ENTRIES,
+        # Nothing here sets pypdf's legacy module constants, so it need not look at them
+        # again for every reader it opens.
+        "disable_legacy_handling": True,
+    }
     known = {field.name for field in dataclasses.fields(Configuration)}
-    overrides: dict[str, Any] = {k: v for k, v in wanted.items() if k in known}
-    return apply_configuration(None, **overrides)
+    return Configuration(**{k: v for k, v in wanted.items() if k in known})
+
+
+_LIMITED = _limited_configuration()
+
+
+def _pdf_limits() -> AbstractContextManager[object]:
+    """The limits for this inspection only (a context variable, so other threads and other
+    users of pypdf keep theirs)."""
+    if _LIMITED is None:
+        return contextlib.nullcontext()
+    from pypdf import apply_configuration
+    return apply_configuration(_LIMITED)
 
 
 def pdf_metadata(stream: BinaryIO) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The blob store's writer: whole objects or none, and large ones handed to the disk as they
-are written."""
+"""The blob store: objects where their ids say, whole or not at all, and large ones handed to
+the disk as they are written."""
 
 from __future__ import annotations
 
@@ -69,6 +69,29 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
         cut_short()
     assert not store.exists(Area.STAGING, doc_id)
     assert list(store.path(Area.STAGING, doc_id).parent.iterdir()) == []
+
+
+def test_objects_go_where_their_directories_are_made_when_missing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    doc_id, body = new_document_id(), os.urandom(1000)
+    with store.writer(Area.STAGING, doc_id) as out:  # its directories do not exist yet
+        out.write(body)
+    staged = tmp_path / "staging" / doc_id[:2] / doc_id[2:4] / doc_id
+    assert store.path(Area.STAGING, doc_id) == staged
+    assert staged.read_bytes() == body
+    assert store.size(Area.STAGING, doc_id) == 1000
+    store.promote(doc_id)  # into directories that do not exist yet either
+    assert not store.exists(Area.STAGING, doc_id)
+    with store.open(Area.OBJECTS, doc_id) as stored:
+        assert stored.read() == body
+    store.promote(doc_id)  # again, after success: nothing to do
+    assert store.exists(Area.OBJECTS, doc_id)
+    with pytest.raises(FileNotFoundError):
+        store.promote(new_document_id())  # nothing staged, nothing stored
+    assert store.delete(Area.OBJECTS, doc_id)
+    assert not store.delete(Area.OBJECTS, doc_id)
+    with pytest.raises(ValueError, match="not a generated document id"):
+        store.path(Area.OBJECTS, "../../etc/passwd")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range(2) is Linux's")

@@ -363,6 +363,8 @@ def test_pdf_with_more_pages_than_the_page_tree_limit_is_rejected(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(inspection_pdf, "_PDF_MAX_PAGE_TREE_ENTRIES", 50)
+    # The limits are read into pypdf's configuration once, at import.
+    monkeypatch.setattr(inspection_pdf, "_LIMITED", inspection_pdf._limited_configuration())
     assert inspect(PDF, hostile.pdf_pages(50)) == {"pages": 50}
     assert rejection(PDF, hostile.pdf_pages(60)).startswith(TOO_COMPLEX)
 
