@@ -157,7 +157,9 @@ class RabbitRunner:
         """Handle what is waiting, up to a batch at a time, until nothing is."""
         while True:
             with inbox.lock:
-                if not inbox.waiting:
+                # Once stopping, what still waits is left unacked: the broker hands it out
+                # again when the connection closes, rather than shutdown waiting for it.
+                if not inbox.waiting or self._stop.is_set():
                     inbox.takers -= 1
                     return
                 count = min(self.batch_size, len(inbox.waiting))
