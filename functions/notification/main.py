@@ -10,6 +10,7 @@ Run alone with ``functions-framework --source functions/notification/main.py
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -19,8 +20,9 @@ from cloudevents.http import CloudEvent
 
 from docproc.health import add_to_flask
 from docproc.runtime import Services, as_http_status, services
+from events.batches import handle_repeats, split
 from events.catalog import DocumentRejected, DocumentStored
-from events.cloudevent import MalformedEvent, handling, validate
+from events.cloudevent import MalformedEvent, validate
 from events.subscriptions import Subscription, describe
 from shared.deliveries import Completion, Delivery
 from shared.observability import NOTIFICATIONS
@@ -57,33 +59,18 @@ def handle(svc: Services, event: CloudEvent) -> None:
 def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseException | None]:
     """``handle`` for several events, with one write for their claims and one for their
     completions; each event's outcome on its own."""
-    outcomes: list[BaseException | None] = [None] * len(events)
-    parsed: dict[str, tuple[int, DocumentStored | DocumentRejected]] = {}
-    again: list[int] = []  # the same event twice in one batch: the second goes after
-    for i, event in enumerate(events):
-        try:
-            key, data = _parse(event)
-        except MalformedEvent as exc:
-            outcomes[i] = exc
-            continue
-        if key in parsed:
-            again.append(i)
-        else:
-            parsed[key] = (i, data)
+    batch = split(events, _parse)
+    outcomes = batch.outcomes
     claims = svc.deliveries.claim_many(
-        [(key, data.document_id, data.owner) for key, (_, data) in parsed.items()],
+        [(key, data.document_id, data.owner) for key, (_, data) in batch.first.items()],
         LEASE_SECONDS)
     completions: list[tuple[int, Completion]] = []
-    for (key, (i, data)), claim in zip(parsed.items(), claims, strict=True):
+    for (key, (i, data)), claim in zip(batch.first.items(), claims, strict=True):
         if isinstance(claim, Exception):
             outcomes[i] = claim
             continue
-        with handling(events[i], "notification"):
-            try:
-                completion = _attempt(svc, key, data, claim)
-            except Exception as exc:
-                outcomes[i] = exc
-                continue
+        completion = batch.attempt(i, "notification",
+                                   functools.partial(_attempt, svc, key, data, claim))
         if completion is not None:
             completions.append((i, completion))
     try:
@@ -96,13 +83,7 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
                 svc.deliveries.release(key, describe(exc))
             except Exception as also:  # the lease runs out by itself
                 log.warning("could not release delivery %s: %s", key, describe(also))
-    for i in again:
-        try:
-            with handling(events[i], "notification"):
-                handle(svc, events[i])
-        except Exception as exc:
-            outcomes[i] = exc
-    return outcomes
+    return handle_repeats(batch, lambda event: handle(svc, event), "notification")
 
 
 def _parse(event: CloudEvent) -> tuple[str, DocumentStored | DocumentRejected]:

@@ -10,6 +10,7 @@ outcome. Run alone with ``functions-framework --source functions/storage/main.py
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from cloudevents.http import CloudEvent
 from docproc.health import add_to_flask
 from docproc.outbox import publish_outcome
 from docproc.runtime import Services, as_http_status, services
+from events.batches import handle_repeats, split
 from events.catalog import (
     DOCUMENT_REJECTED,
     DOCUMENT_STORED,
@@ -31,7 +33,7 @@ from events.catalog import (
     DocumentStored,
     DocumentUploaded,
 )
-from events.cloudevent import MalformedEvent, data_as, handling, make_event
+from events.cloudevent import data_as, make_event
 from events.subscriptions import Subscription
 from shared.blobstore import Area, release_pages
 from shared.documents import Document, Outcome, Status
@@ -65,28 +67,13 @@ def handle(svc: Services, event: CloudEvent) -> None:
 def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseException | None]:
     """``handle`` for several events: their records read in one query and their outcomes
     recorded in one write; each event's outcome on its own."""
-    outcomes: list[BaseException | None] = [None] * len(events)
-    first: dict[str, int] = {}
-    again: list[int] = []  # the same document twice in one batch: the second goes after
-    for i, event in enumerate(events):
-        try:
-            doc_id = data_as(event, DocumentUploaded).document_id
-        except MalformedEvent as exc:
-            outcomes[i] = exc
-            continue
-        if doc_id in first:
-            again.append(i)
-        else:
-            first[doc_id] = i
-    docs = svc.documents.get_many(list(first))
+    batch = split(events, _document_id)
+    outcomes = batch.outcomes
+    docs = svc.documents.get_many(list(batch.first))
     pending: list[tuple[int, _Decided]] = []
-    for doc_id, i in first.items():
-        with handling(events[i], "storage"):
-            try:
-                decided = _decide(svc, events[i], doc_id, docs.get(doc_id))
-            except Exception as exc:
-                outcomes[i] = exc
-                continue
+    for doc_id, (i, _) in batch.first.items():
+        decided = batch.attempt(i, "storage", functools.partial(
+            _decide, svc, events[i], doc_id, docs.get(doc_id)))
         if decided is not None:
             pending.append((i, decided))
     try:
@@ -96,18 +83,12 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
             outcomes[i] = exc
         finished = []
     for (i, decided), done in zip(pending, finished, strict=True):
-        with handling(events[i], "storage"):
-            try:
-                _conclude(svc, decided, done)
-            except Exception as exc:
-                outcomes[i] = exc
-    for i in again:
-        with handling(events[i], "storage"):
-            try:
-                handle(svc, events[i])
-            except Exception as exc:
-                outcomes[i] = exc
-    return outcomes
+        batch.attempt(i, "storage", functools.partial(_conclude, svc, decided, done))
+    return handle_repeats(batch, lambda event: handle(svc, event), "storage")
+
+
+def _document_id(event: CloudEvent) -> tuple[str, None]:
+    return data_as(event, DocumentUploaded).document_id, None
 
 
 @dataclass

@@ -22,7 +22,7 @@ from events.catalog import DOCUMENT_STORED, DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import MalformedEvent, make_event
 from events.publisher import AmqpPublisher
 from events.runner import RabbitRunner
-from events.subscriptions import RetryPolicy, Subscription
+from events.subscriptions import BatchHandler, RetryPolicy, Subscription
 from functions.notification.main import handle_batch as notify_batch
 from functions.storage.main import handle_batch as store_batch
 from shared.config import Settings
@@ -43,6 +43,27 @@ def _uploaded(doc_id: str) -> CloudEvent:
         DocumentUploaded(document_id=doc_id, owner="driver-1", filename="x.pdf",
                          declared_type="application/pdf", size=10, sha256="0" * 64),
     )
+
+
+@contextmanager
+def _one_thread(settings: Settings, one: Callable[[CloudEvent], None],
+                many: BatchHandler) -> Iterator[tuple[RabbitRunner, AmqpPublisher,
+                                                      threading.Thread]]:
+    """A storage runner with one handler thread taking up to four events, and a publisher."""
+    runner = RabbitRunner(settings.amqp_url or "", settings.amqp_prefix,
+                          Subscription("storage", one, many),
+                          RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
+                              settings.retry_delays)
+    try:
+        assert runner.ready.wait(10)
+        yield runner, publisher, thread
+    finally:
+        publisher.close()
+        runner.stop()
+        thread.join(10)
 
 
 def test_a_backlog_is_handed_over_in_batches_each_event_settled_alone(
@@ -75,15 +96,7 @@ def test_a_backlog_is_handed_over_in_batches_each_event_settled_alone(
                     outcomes.append(None)
         return outcomes
 
-    runner = RabbitRunner(settings.amqp_url or "", settings.amqp_prefix,
-                          Subscription("storage", one, many),
-                          RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
-                              settings.retry_delays)
-    try:
-        assert runner.ready.wait(10)
+    with _one_thread(settings, one, many) as (runner, publisher, _):
         events = [_uploaded(new_document_id()) for _ in range(9)]
         ids = [str(e["id"]) for e in events]
         failing.add(ids[2])
@@ -100,11 +113,6 @@ def test_a_backlog_is_handed_over_in_batches_each_event_settled_alone(
         assert calls[1] == ids[1:4]  # what waited, in one call
         assert max(len(c) for c in calls) <= 4
         assert sum(c.count(ids[2]) for c in calls) == 2  # failed in its batch, retried alone
-    finally:
-        gate.set()
-        publisher.close()
-        runner.stop()
-        thread.join(10)
     conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         chan = conn.channel()
@@ -132,15 +140,7 @@ def test_a_stopping_runner_leaves_what_waits_to_the_broker(
         handled.extend(str(e["id"]) for e in events)
         return [None] * len(events)
 
-    runner = RabbitRunner(settings.amqp_url or "", settings.amqp_prefix,
-                          Subscription("storage", one, many),
-                          RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
-                              settings.retry_delays)
-    try:
-        assert runner.ready.wait(10)
+    with _one_thread(settings, one, many) as (runner, publisher, thread):
         for _ in range(4):
             publisher.publish(_uploaded(new_document_id()))
         wait_for(lambda: runner.waiting() >= 3 or None, what="three events to wait")
@@ -148,10 +148,6 @@ def test_a_stopping_runner_leaves_what_waits_to_the_broker(
         gate.set()
         thread.join(10)
         assert not thread.is_alive()
-    finally:
-        gate.set()
-        publisher.close()
-        runner.stop()
     assert len(handled) == 1  # the one in hand is finished; the waiting ones are not taken
     conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
