@@ -68,6 +68,8 @@ class DeliveryRepository:
                    ) -> list[Delivery | Exception]:
         """``claim`` for (key, document id, owner) triples with distinct keys, the first
         attempts in one insert: each one's delivery, or why it cannot be claimed now."""
+        if not claims:
+            return []
         now = utcnow()
         taken: dict[int, Exception | None] = {}
         try:

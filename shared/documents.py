@@ -347,6 +347,8 @@ class DocumentRepository:
 
     def finish_many(self, outcomes: list[Outcome]) -> list[Document | None]:
         """``finish`` for several documents (distinct ids) in one round trip."""
+        if not outcomes:
+            return []
         now = utcnow()
         changed: list[dict[str, Any]] = []
         writes: list[tuple[dict[str, Any], dict[str, Any]]] = []

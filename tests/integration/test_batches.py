@@ -261,6 +261,13 @@ def test_storage_and_notification_batches_share_their_round_trips(
     # the first batch goes after it (an insert, then the update that finds it completed), as
     # every event of the second batch does after their one insert.
     assert (inserts.count, updates.count) == (1 + 1 + 1, 1 + 1 + 3)
+    # A batch with nothing to claim or record: each event still gets its own outcome.
+    wrong_type = CloudEvent({"type": DOCUMENT_UPLOADED, "source": "/tests", "id": "wrong-2",
+                             "subject": ids[1], "specversion": "1.0"}, uploaded[1].get_data())
+    assert [type(o).__name__ for o in notify_batch(idle.svc, [wrong_type, wrong_type])] == [
+        MalformedEvent.__name__] * 2
+    assert store_batch(idle.svc, [_uploaded(new_document_id()), _uploaded(new_document_id())]
+                       ) == [None, None]
     pushes = fcm.messages_for("phone-batch")
     assert sorted(p["data"]["document_id"] for p in pushes) == sorted(ids)
     for doc_id in ids:
