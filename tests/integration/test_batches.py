@@ -194,6 +194,19 @@ class _Finishes(Commands):
                 self.statements.append(len(finishing))
 
 
+class _RecordReads(Commands):
+    """Reads of documents by id (the outbox relay's polling, which shares the repository,
+    looks by due time and is left out)."""
+
+    def __init__(self) -> None:
+        super().__init__("find", "documents")
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if (event.command_name == "find" and event.command.get("find") == "documents"
+                and "_id" in event.command.get("filter", {})):
+            self.count += 1
+
+
 @contextmanager
 def _counted(running: Running, *commands: Commands) -> Iterator[None]:
     """The pipeline's repositories on a client that counts the commands it sends."""
@@ -232,7 +245,7 @@ def test_storage_and_notification_batches_share_their_round_trips(
                         "subject": ids[0], "specversion": "1.0"}, uploaded[0].get_data())
     batch = [uploaded[0], uploaded[1], wrong, uploaded[2], uploaded[0], missing]
 
-    finds = Commands("find", "documents")
+    finds = _RecordReads()
     outcomes_written = _Finishes()
     with _counted(idle, finds, outcomes_written):
         outcomes = store_batch(idle.svc, batch)
