@@ -78,7 +78,9 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
             pending.append((i, decided))
     try:
         finished = svc.documents.finish_many([decided.outcome for _, decided in pending])
-    except Exception as exc:  # nothing recorded: every one of them is retried
+    except Exception as exc:
+        # What the write did is unknown: every one of them is retried, and a redelivery
+        # announces whatever outcome was recorded.
         for i, _ in pending:
             outcomes[i] = exc
         finished = []
