@@ -1,14 +1,22 @@
-"""SHA-256 of a large upload computed on a second core while the first encrypts and writes.
+"""SHA-256 of a large upload, computed on a second core while one is free.
 
-hashlib releases the interpreter lock for large updates, so a thread of its own hashes in
-parallel with the upload's thread (socket reads, AES-GCM, file writes). Small bodies never
-start the thread: the first ``threshold`` bytes are hashed inline, where a thread would cost
-more than it saves.
+hashlib releases the interpreter lock for large updates, so a thread of its own can hash in
+parallel with the upload's thread (socket reads, AES-GCM, file writes): one upload alone then
+finishes sooner. That costs CPU, though: the hashing thread reads every piece from the other
+core's cache (SHA-256 runs at about 1.7 GB/s here over data just received on the same core,
+1.1 GB/s over data from elsewhere) and the pieces queue between threads. So an upload hashes
+on a thread only while this process has fewer large uploads in flight than it has cores;
+when a second one arrives on two cores, both hash inline, while each piece is still in its
+core's cache, and get more done (bench/README.md, Findings 36). Small bodies never start the
+thread: the first ``threshold`` bytes are hashed inline, where a thread would cost more than
+it saves.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import queue
 import threading
 from typing import TYPE_CHECKING
@@ -20,6 +28,53 @@ DEFAULT_THRESHOLD = 4 * 1024 * 1024
 # Pieces waiting for the hasher (the upload reads 256 KiB at a time): memory stays bounded
 # and the upload waits when hashing falls behind.
 QUEUE_PIECES = 8
+_CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cores(cgroup_cpu_max: str = _CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a Kubernetes CPU limit shows there, not in the affinity, which lists the node's)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    try:
+        with open(cgroup_cpu_max) as limits:
+            quota, period = limits.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 limit to read: the affinity stands
+    return max(1, cores)
+
+
+class LargeUploads:
+    """How many uploads of this process are past the threshold, and whether a core is free
+    for a hashing thread."""
+
+    def __init__(self, cores: int | None = None) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._cores = cores  # found on first use when not given
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._cores is None:
+                self._cores = usable_cores()
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._count
+
+    def core_to_spare(self) -> bool:
+        """True while each large upload can have a core and a thread of its own can have
+        another (read without the lock: a stale answer costs one piece's placement)."""
+        return self._cores is not None and self._count < self._cores
+
+
+LARGE_UPLOADS = LargeUploads()
 
 
 def _immutable(data: ReadableBuffer) -> bytes:
@@ -34,15 +89,26 @@ def _immutable(data: ReadableBuffer) -> bytes:
 
 
 class BackgroundSha256:
-    """``update`` and ``hexdigest`` like hashlib's; ``close`` when the upload is abandoned."""
+    """``update`` and ``hexdigest`` like hashlib's; ``close`` when the upload is abandoned.
 
-    def __init__(self, threshold: int = DEFAULT_THRESHOLD) -> None:
+    While ``in_background`` is True, pieces are queued rather than hashed before ``update``
+    returns: a whole ``bytes`` object goes as it is, anything else is copied. A caller that
+    reuses one buffer for every piece can do so without copies while it is False. Past the
+    threshold, each piece is placed anew: the thread starts when a core is to spare and
+    stops (after hashing what it holds) when there is none.
+    """
+
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD,
+                 large_uploads: LargeUploads | None = None) -> None:
         self._hash = hashlib.sha256()
         self._threshold = threshold
+        self._large_uploads = large_uploads or LARGE_UPLOADS
+        self._counted = False  # past the threshold, and so counted in ``large_uploads``
         self._inline = 0
         self._pieces: queue.Queue[bytes | None] | None = None
         self._thread: threading.Thread | None = None
         self._digest: str | None = None
+        self._closed = False
 
     @property
     def in_background(self) -> bool:
@@ -51,14 +117,27 @@ class BackgroundSha256:
     def update(self, data: ReadableBuffer) -> None:
         if self._digest is not None:
             raise ValueError("update after hexdigest")
-        if self._pieces is None:
+        if self._closed:
+            raise ValueError("update after close")
+        if not self._counted:
+            self._hash.update(data)
             with memoryview(data) as view:
                 self._inline += view.nbytes
-            self._hash.update(data)
             if self._inline >= self._threshold:
-                self._start()
+                self._counted = True
+                self._large_uploads.enter()
+                if self._large_uploads.core_to_spare():
+                    self._start()
             return
-        self._pieces.put(_immutable(data))
+        if self._large_uploads.core_to_spare() != self.in_background:
+            if self.in_background:
+                self._stop_thread()
+            else:
+                self._start()
+        if self._pieces is None:
+            self._hash.update(data)
+        else:
+            self._pieces.put(_immutable(data))
 
     def _start(self) -> None:
         self._pieces = queue.Queue(QUEUE_PIECES)
@@ -71,11 +150,19 @@ class BackgroundSha256:
         while (piece := self._pieces.get()) is not None:
             self._hash.update(piece)
 
-    def _stop(self) -> None:
+    def _stop_thread(self) -> None:
+        """Let the thread hash what it holds and end; later pieces are hashed inline."""
         if self._pieces is not None and self._thread is not None:
             self._pieces.put(None)
             self._thread.join()
-            self._pieces = None
+        self._pieces = None
+        self._thread = None
+
+    def _stop(self) -> None:
+        self._stop_thread()
+        if self._counted:
+            self._counted = False
+            self._large_uploads.leave()
 
     def hexdigest(self) -> str:
         if self._digest is None:
@@ -85,4 +172,5 @@ class BackgroundSha256:
 
     def close(self) -> None:
         """Stop the hashing thread, if any (the result is no longer wanted)."""
+        self._closed = True
         self._stop()

@@ -312,6 +312,9 @@ class EnvelopeWriter:
             total = len(view)
             if total == 0:
                 return
+            # Hashed first, while the piece is freshest in this core's cache.
+            self._hash.update(view)
+            self._size += total
             chunk_size = self._chunk_size
             buffer = self._buffer
             pos = 0
@@ -319,7 +322,6 @@ class EnvelopeWriter:
                 pos = min(chunk_size - len(buffer), total)
                 buffer += view[:pos]
                 if pos == total:
-                    self._account(view)
                     return
                 # More data follows, so the buffered full chunk is not the last one.
                 self._emit(buffer, final=False)
@@ -330,11 +332,6 @@ class EnvelopeWriter:
                 self._emit(view[pos : pos + chunk_size], final=False)
                 pos += chunk_size
             buffer += view[pos:]
-            self._account(view)
-
-    def _account(self, view: memoryview) -> None:
-        self._hash.update(view)
-        self._size += len(view)
 
     def close(self) -> None:
         """Emit the final chunk. Idempotent; does not close the sink."""

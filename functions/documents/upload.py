@@ -54,7 +54,7 @@ class _Sink:
         self.writer = writer
         self.limit = limit
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.writer.plaintext_size + len(data) > self.limit:
             raise _TooLarge
         self.writer.write(data)
@@ -107,19 +107,29 @@ def _check_kind(kind: str | None) -> str | None:
     return kind
 
 
-def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
-    """Feed the body to ``consume`` piece by piece; a body cut short is the client's error."""
-    read = body_reader(request, READ_SIZE)
+def _pump(request: Request, consume: Callable[[bytes | memoryview], None],
+          reuse: Callable[[], bool] = lambda: False) -> None:
+    """Feed the body to ``consume`` piece by piece; a body cut short is the client's error.
+
+    While ``reuse()`` is True, ``consume`` is done with each piece when it returns, and the
+    pieces are received into one buffer, which stays in this core's cache from the socket
+    to the hash, the cipher and the file; otherwise each piece is a new ``bytes`` object that
+    ``consume`` may keep (a hash on another thread does)."""
+    body = body_reader(request)
+    buffer = memoryview(bytearray(min(READ_SIZE, request.content_length or READ_SIZE)))
     received = 0
     while True:
         try:
-            chunk = read(READ_SIZE)
+            if reuse():
+                piece: bytes | memoryview = buffer[: body.readinto(buffer)]
+            else:
+                piece = body.read(READ_SIZE)
         except (ClientDisconnected, OSError) as exc:  # gunicorn's read errors are OSErrors
             raise _incomplete() from exc
-        if not chunk:
+        if not piece:
             break
-        received += len(chunk)
-        consume(chunk)
+        received += len(piece)
+        consume(piece)
     if request.content_length is not None and received < request.content_length:
         raise _incomplete()
 
@@ -169,7 +179,8 @@ def upload(svc: Services, request: Request) -> Response:
                 if kind_field.value:
                     kind = _check_kind(kind_field.value.decode(errors="replace"))
             else:
-                _pump(request, sink.write)
+                # Pieces hashed before ``write`` returns can share one buffer.
+                _pump(request, sink.write, reuse=lambda: not digest.in_background)
             if writer.plaintext_size == 0:
                 raise bad_request("the document is empty", code="empty_document")
             writer.close()

@@ -18,6 +18,7 @@ from events import amqp_codec, topology
 from events.catalog import DOCUMENT_STORED, DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
 from events.publisher import PublishError
+from shared import background_hash
 from shared.blobstore import Area
 from shared.config import Settings
 from tests import samples
@@ -58,6 +59,36 @@ def test_a_stored_object_leaves_the_page_cache(running: Running,
     wait_for(lambda: resident_pages(path) == 0, what="the object's pages to be dropped")
     got = http.get(f"{running.base_url}/v1/documents/{doc_id}", headers=DRIVER, timeout=30)
     assert http.get(got.json()["download_url"], headers=DRIVER, timeout=30).content == body
+
+
+class _Recorded(background_hash.LargeUploads):
+    """The process's count of large uploads, noting whether each got a hashing thread."""
+
+    def __init__(self, cores: int) -> None:
+        super().__init__(cores)
+        self.threads: list[bool] = []
+
+    def enter(self) -> None:
+        super().enter()
+        self.threads.append(self.core_to_spare())
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_a_large_upload_is_hashed_and_stored_whole_with_or_without_a_core_to_spare(
+    running: Running, http: requests.Session, monkeypatch: pytest.MonkeyPatch, cores: int,
+) -> None:
+    uploads = _Recorded(cores)
+    monkeypatch.setattr(background_hash, "LARGE_UPLOADS", uploads)
+    body = samples.pdf(samples.marker(), padding=6 * 1024 * 1024)  # past the hash threshold
+    resp = upload(http, running.base_url, body, "application/pdf", "scan.pdf")
+    assert resp.status_code == 202, resp.text
+    # One core: hashed inline, every piece received into one reused buffer; two: on a thread.
+    assert uploads.threads == [cores > 1]
+    assert uploads.in_flight == 0
+    doc = settled(http, running.base_url, resp.json()["id"])
+    assert doc["status"] == "stored", doc
+    assert doc["sha256"] == hashlib.sha256(body).hexdigest()
+    assert http.get(doc["download_url"], headers=DRIVER, timeout=30).content == body
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
-from shared.background_hash import BackgroundSha256
+from shared.background_hash import BackgroundSha256, LargeUploads, usable_cores
 
 KIB = 1024
 
@@ -26,7 +27,7 @@ def test_a_small_body_is_hashed_inline() -> None:
 
 
 def test_a_large_body_is_hashed_in_the_background_in_order_whatever_the_caller_reuses() -> None:
-    digest = BackgroundSha256(threshold=64 * KIB)
+    digest = BackgroundSha256(threshold=64 * KIB, large_uploads=LargeUploads(cores=2))
     expected = hashlib.sha256()
     reused = bytearray(48 * KIB)  # one buffer refilled for every piece, as a reader might
     for _ in range(40):
@@ -49,13 +50,77 @@ def test_nothing_is_added_after_the_digest() -> None:
 
 
 def test_an_abandoned_upload_stops_its_hashing_thread() -> None:
-    digest = BackgroundSha256(threshold=KIB)
+    uploads = LargeUploads(cores=2)
+    digest = BackgroundSha256(threshold=KIB, large_uploads=uploads)
     for _ in range(20):
         digest.update(os.urandom(8 * KIB))
     assert digest.in_background
     digest.close()
     assert not any(t.is_alive() for t in _hashing_threads())
+    assert uploads.in_flight == 0
     digest.close()  # twice is harmless
+    assert uploads.in_flight == 0
+    with pytest.raises(ValueError, match="after close"):
+        digest.update(b"more")
+
+
+def _feed(digest: BackgroundSha256, pieces: int, expected: hashlib._Hash) -> None:
+    """Feed ``pieces`` random 8 KiB pieces through one reused buffer, and to ``expected``."""
+    reused = bytearray(8 * KIB)
+    for _ in range(pieces):
+        reused[:] = os.urandom(len(reused))
+        expected.update(reused)
+        digest.update(memoryview(reused))
+
+
+def test_a_hashing_thread_only_while_a_core_is_free_for_it() -> None:
+    uploads = LargeUploads(cores=2)
+    first = BackgroundSha256(threshold=16 * KIB, large_uploads=uploads)
+    second = BackgroundSha256(threshold=16 * KIB, large_uploads=uploads)
+    small = BackgroundSha256(threshold=16 * KIB, large_uploads=uploads)
+    first_expected, second_expected, small_expected = (hashlib.sha256() for _ in range(3))
+    _feed(first, 10, first_expected)
+    assert first.in_background  # one large upload: the other core hashes for it
+    _feed(second, 10, second_expected)
+    assert not second.in_background  # an upload on each core: each hashes inline
+    _feed(first, 1, first_expected)
+    assert not first.in_background  # the first gave its core up at its next piece
+    assert len(_hashing_threads()) == 0
+    _feed(small, 1, small_expected)  # under the threshold: not counted
+    assert uploads.in_flight == 2
+    assert second.hexdigest() == second_expected.hexdigest()
+    assert uploads.in_flight == 1
+    _feed(first, 3, first_expected)
+    assert first.in_background  # a core is free again
+    assert first.hexdigest() == first_expected.hexdigest()
+    assert small.hexdigest() == small_expected.hexdigest()
+    assert uploads.in_flight == 0
+    assert not any(t.is_alive() for t in _hashing_threads())
+
+
+def test_one_core_hashes_every_upload_inline() -> None:
+    digest = BackgroundSha256(threshold=KIB, large_uploads=LargeUploads(cores=1))
+    expected = hashlib.sha256()
+    _feed(digest, 10, expected)
+    assert not digest.in_background
+    assert digest.hexdigest() == expected.hexdigest()
+
+
+@pytest.mark.parametrize(("limit", "expected"), [
+    ("max 100000\n", None),          # no CPU limit: the affinity
+    ("150000 100000\n", 2),          # 1.5 cores: two may run at once
+    ("50000 100000\n", 1),
+    ("garbage\n", None),
+])
+def test_usable_cores_follow_a_cgroup_cpu_limit(
+    tmp_path: Path, limit: str, expected: int | None,
+) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    path = tmp_path / "cpu.max"
+    path.write_text(limit)
+    want = affinity if expected is None else min(affinity, expected)
+    assert usable_cores(str(path)) == want
+    assert usable_cores(str(tmp_path / "missing")) == affinity
 
 
 def test_whole_bytes_objects_are_hashed_without_a_copy_and_views_of_parts_with_one() -> None:
