@@ -269,6 +269,7 @@ class EnvelopeWriter:
         associated_data: bytes = b"",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         digest: Digest | None = None,
+        hash_plaintext: bool = True,
     ) -> None:
         _check_key(key)
         _check_chunk_size(chunk_size)
@@ -279,7 +280,10 @@ class EnvelopeWriter:
         self._buffer = bytearray()
         self._index = 0
         self._size = 0
-        self._hash: Digest = digest if digest is not None else hashlib.sha256()
+        # ``hash_plaintext=False``: the caller hashes the pieces itself, as they arrive.
+        self._hash: Digest | None = None
+        if hash_plaintext:
+            self._hash = digest if digest is not None else hashlib.sha256()
         self._closed = False
         _write_all(sink, header)
 
@@ -299,6 +303,8 @@ class EnvelopeWriter:
     def sha256_hex(self) -> str:
         """SHA-256 (hex) of the plaintext accepted so far (a ``digest`` given to the
         constructor may only give it once, when everything is written)."""
+        if self._hash is None:
+            raise ValueError("this writer was told not to hash (hash_plaintext=False)")
         return self._hash.hexdigest()
 
     def _emit(self, data: bytes | bytearray | memoryview, final: bool) -> None:
@@ -312,8 +318,8 @@ class EnvelopeWriter:
             total = len(view)
             if total == 0:
                 return
-            # Hashed first, while the piece is freshest in this core's cache.
-            self._hash.update(view)
+            if self._hash is not None:  # first, while the piece is freshest in this core's cache
+                self._hash.update(view)
             self._size += total
             chunk_size = self._chunk_size
             buffer = self._buffer

@@ -30,6 +30,7 @@ from shared.documents import (
 from shared.envelope import EnvelopeWriter
 from shared.errors import ApiError, bad_request
 from shared.filenames import clean_filename
+from shared.hashed_body import HashedBody
 from shared.http import json_response
 from shared.ids import new_document_id
 from shared.inspection import normalize_media_type
@@ -107,29 +108,45 @@ def _check_kind(kind: str | None) -> str | None:
     return kind
 
 
-def _pump(request: Request, consume: Callable[[bytes | memoryview], None],
-          reuse: Callable[[], bool] = lambda: False) -> None:
-    """Feed the body to ``consume`` piece by piece; a body cut short is the client's error.
-
-    While ``reuse()`` is True, ``consume`` is done with each piece when it returns, and the
-    pieces are received into one buffer, which stays in this core's cache from the socket
-    to the hash, the cipher and the file; otherwise each piece is a new ``bytes`` object that
-    ``consume`` may keep (a hash on another thread does)."""
-    body = body_reader(request)
-    buffer = memoryview(bytearray(min(READ_SIZE, request.content_length or READ_SIZE)))
+def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
+    """Feed a multipart body to its parser piece by piece, each a new ``bytes`` object (the
+    parser and a hash on another thread may keep them); a body cut short is the client's
+    error."""
+    read = body_reader(request).read
     received = 0
     while True:
         try:
-            if reuse():
-                piece: bytes | memoryview = buffer[: body.readinto(buffer)]
-            else:
-                piece = body.read(READ_SIZE)
+            chunk = read(READ_SIZE)
         except (ClientDisconnected, OSError) as exc:  # gunicorn's read errors are OSErrors
             raise _incomplete() from exc
-        if not piece:
+        if not chunk:
             break
-        received += len(piece)
-        consume(piece)
+        received += len(chunk)
+        consume(chunk)
+    _check_complete(request, received)
+
+
+def _receive(request: Request, sink: _Sink) -> str:
+    """Receive a raw body into ``sink`` (which encrypts and writes each piece before the
+    next is asked for); the body's SHA-256, hashed as it arrived."""
+    body = HashedBody(body_reader(request), request.content_length)
+    pieces = body.pieces()
+    try:
+        while True:
+            try:
+                piece = next(pieces, None)
+            except (ClientDisconnected, OSError) as exc:  # gunicorn's are OSErrors
+                raise _incomplete() from exc
+            if piece is None:
+                break
+            sink.write(piece)
+    finally:
+        pieces.close()  # stops a receiving thread before the request is answered
+    _check_complete(request, body.received)
+    return body.sha256_hex()
+
+
+def _check_complete(request: Request, received: int) -> None:
     if request.content_length is not None and received < request.content_length:
         raise _incomplete()
 
@@ -158,13 +175,15 @@ def upload(svc: Services, request: Request) -> Response:
     filename = request.headers.get("X-Filename")
     doc_id = new_document_id()
     data_key, wrapped = svc.keys.generate({"document_id": doc_id})
-    # A large body is hashed on another core while this thread receives, encrypts, writes.
+    # A large multipart body is hashed on another core while a core is free (a raw body is
+    # hashed as it is received: shared.hashed_body).
     digest = BackgroundSha256()
     try:
         with svc.blobs.writer(Area.STAGING, doc_id) as staged:
             writer = EnvelopeWriter(data_key, staged, associated_data=doc_id.encode(),
-                                    digest=digest)
+                                    digest=digest, hash_plaintext=multipart)
             sink = _Sink(writer, settings.max_upload_bytes)
+            received_sha256 = ""
             if multipart:
                 part = _FilePart(sink, settings.allowed_types)
                 kind_field = ValueTarget()
@@ -179,12 +198,11 @@ def upload(svc: Services, request: Request) -> Response:
                 if kind_field.value:
                     kind = _check_kind(kind_field.value.decode(errors="replace"))
             else:
-                # Pieces hashed before ``write`` returns can share one buffer.
-                _pump(request, sink.write, reuse=lambda: not digest.in_background)
+                received_sha256 = _receive(request, sink)
             if writer.plaintext_size == 0:
                 raise bad_request("the document is empty", code="empty_document")
             writer.close()
-            sha256 = writer.sha256_hex()
+            sha256 = writer.sha256_hex() if multipart else received_sha256
     except _TooLarge:
         raise _too_large(settings.max_upload_bytes) from None
     except (ParseFailedException, ValueError) as exc:  # the multipart parser's complaints

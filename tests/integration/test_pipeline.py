@@ -82,7 +82,8 @@ def test_a_large_upload_is_hashed_and_stored_whole_with_or_without_a_core_to_spa
     body = samples.pdf(samples.marker(), padding=6 * 1024 * 1024)  # past the hash threshold
     resp = upload(http, running.base_url, body, "application/pdf", "scan.pdf")
     assert resp.status_code == 202, resp.text
-    # One core: hashed inline, every piece received into one reused buffer; two: on a thread.
+    # One core: received and hashed inline, through one reused buffer; two: received ahead
+    # and hashed on a thread while the request's thread encrypts and writes.
     assert uploads.threads == [cores > 1]
     assert uploads.in_flight == 0
     doc = settled(http, running.base_url, resp.json()["id"])

@@ -690,3 +690,16 @@ class TestMemory:
                 tracemalloc.stop()
         assert digest.hexdigest() == writer.sha256_hex()
         assert peak < self.LIMIT
+
+
+def test_a_writer_told_not_to_hash_still_encrypts_and_refuses_a_digest() -> None:
+    key = os.urandom(32)
+    sink = io.BytesIO()
+    data = os.urandom(200_000)
+    with EnvelopeWriter(key, sink, associated_data=b"doc", hash_plaintext=False) as writer:
+        writer.write(data)
+    assert writer.plaintext_size == len(data)
+    with pytest.raises(ValueError, match="told not to hash"):
+        writer.sha256_hex()
+    sink.seek(0)
+    assert b"".join(decrypt_stream(key, sink, associated_data=b"doc")) == data
