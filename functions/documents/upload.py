@@ -175,9 +175,9 @@ def upload(svc: Services, request: Request) -> Response:
     filename = request.headers.get("X-Filename")
     doc_id = new_document_id()
     data_key, wrapped = svc.keys.generate({"document_id": doc_id})
-    # A large multipart body is hashed on another core while a core is free (a raw body is
-    # hashed as it is received: shared.hashed_body).
-    digest = BackgroundSha256()
+    # A raw body is hashed as it is received (shared.hashed_body); a multipart one by the
+    # writer, on another core while a core is free.
+    digest = BackgroundSha256() if multipart else None
     try:
         with svc.blobs.writer(Area.STAGING, doc_id) as staged:
             writer = EnvelopeWriter(data_key, staged, associated_data=doc_id.encode(),
@@ -209,7 +209,8 @@ def upload(svc: Services, request: Request) -> Response:
         raise bad_request(f"malformed multipart body: {exc}",
                           code="malformed_multipart") from None
     finally:
-        digest.close()
+        if digest is not None:
+            digest.close()
     now = utcnow()
     doc = Document(
         _id=doc_id, owner=ident.user_id, filename=clean_filename(filename),
