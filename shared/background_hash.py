@@ -5,7 +5,8 @@ parallel with the upload's thread (socket reads, AES-GCM, file writes): one uplo
 finishes sooner. That costs CPU, though: the hashing thread reads every piece from the other
 core's cache (SHA-256 runs at about 1.7 GB/s here over data just received on the same core,
 1.1 GB/s over data from elsewhere) and the pieces queue between threads. So an upload hashes
-on a thread only while this process has fewer large uploads in flight than it has cores;
+on a thread only while this process has fewer large uploads in flight than it has cores
+(``shared.large_uploads``);
 when a second one arrives on two cores, both hash inline, while each piece is still in its
 core's cache, and get more done (bench/README.md, Findings 36). Small bodies never start the
 thread: the first ``threshold`` bytes are hashed inline, where a thread would cost more than
@@ -15,11 +16,12 @@ it saves.
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 import queue
 import threading
 from typing import TYPE_CHECKING
+
+from shared import large_uploads as _large
+from shared.large_uploads import LargeUploads
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -28,53 +30,6 @@ DEFAULT_THRESHOLD = 4 * 1024 * 1024
 # Pieces waiting for the hasher (the upload reads 256 KiB at a time): memory stays bounded
 # and the upload waits when hashing falls behind.
 QUEUE_PIECES = 8
-_CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
-
-
-def usable_cores(cgroup_cpu_max: str = _CGROUP_CPU_MAX) -> int:
-    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota
-    (a Kubernetes CPU limit shows there, not in the affinity, which lists the node's)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    try:
-        with open(cgroup_cpu_max) as limits:
-            quota, period = limits.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError, ZeroDivisionError):
-        pass  # no cgroup v2 limit to read: the affinity stands
-    return max(1, cores)
-
-
-class LargeUploads:
-    """How many uploads of this process are past the threshold, and whether a core is free
-    for a hashing thread."""
-
-    def __init__(self, cores: int | None = None) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-        self._cores = cores  # found on first use when not given
-
-    def enter(self) -> None:
-        with self._lock:
-            if self._cores is None:
-                self._cores = usable_cores()
-            self._count += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._count -= 1
-
-    @property
-    def in_flight(self) -> int:
-        return self._count
-
-    def core_to_spare(self) -> bool:
-        """True while each large upload can have a core and a thread of its own can have
-        another (read without the lock: a stale answer costs one piece's placement)."""
-        return self._cores is not None and self._count < self._cores
-
-
-LARGE_UPLOADS = LargeUploads()
 
 
 def _immutable(data: ReadableBuffer) -> bytes:
@@ -102,7 +57,7 @@ class BackgroundSha256:
                  large_uploads: LargeUploads | None = None) -> None:
         self._hash = hashlib.sha256()
         self._threshold = threshold
-        self._large_uploads = large_uploads or LARGE_UPLOADS  # looked up now: tests swap it
+        self._large_uploads = large_uploads or _large.LARGE_UPLOADS  # looked up now: tests swap it
         self._counted = False  # past the threshold, and so counted in ``large_uploads``
         self._inline = 0
         self._pieces: queue.Queue[bytes | None] | None = None

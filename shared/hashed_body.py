@@ -1,7 +1,7 @@
 """An upload's body received piece by piece, each piece hashed (SHA-256) as it lands.
 
 The upload encrypts and writes each piece after this hands it over. For a large body, while
-this process has a core to spare (``background_hash.LargeUploads``), a thread of its own
+this process has a core to spare (``shared.large_uploads``), a thread of its own
 receives ahead into a ring of buffers and hashes each piece the moment it arrives, while the
 request's thread encrypts and writes the pieces before it. The hash is the slower pass over
 the data, and it runs fastest over data just received on the same core (about 1.7 GB/s here
@@ -19,8 +19,9 @@ import threading
 from collections.abc import Generator
 from typing import Final
 
-from shared import background_hash
-from shared.background_hash import DEFAULT_THRESHOLD, LargeUploads
+from shared import large_uploads as _large
+from shared.background_hash import DEFAULT_THRESHOLD
+from shared.large_uploads import LargeUploads
 from shared.request_body import BodyReader
 
 INLINE_PIECE: Final = 256 * 1024
@@ -53,7 +54,7 @@ class HashedBody:
         self._body = body
         self._length = length
         self._threshold = threshold
-        self._uploads = uploads or background_hash.LARGE_UPLOADS
+        self._uploads = uploads or _large.LARGE_UPLOADS
         self._hash = hashlib.sha256()
         self._counted = False  # past the threshold, and so counted in ``uploads``
         self._ended = False

@@ -18,7 +18,7 @@ from events import amqp_codec, topology
 from events.catalog import DOCUMENT_STORED, DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
 from events.publisher import PublishError
-from shared import background_hash
+from shared import large_uploads
 from shared.blobstore import Area
 from shared.config import Settings
 from tests import samples
@@ -61,7 +61,7 @@ def test_a_stored_object_leaves_the_page_cache(running: Running,
     assert http.get(got.json()["download_url"], headers=DRIVER, timeout=30).content == body
 
 
-class _Recorded(background_hash.LargeUploads):
+class _Recorded(large_uploads.LargeUploads):
     """The process's count of large uploads, noting whether each got a hashing thread."""
 
     def __init__(self, cores: int) -> None:
@@ -78,7 +78,7 @@ def test_a_large_upload_is_hashed_and_stored_whole_with_or_without_a_core_to_spa
     running: Running, http: requests.Session, monkeypatch: pytest.MonkeyPatch, cores: int,
 ) -> None:
     uploads = _Recorded(cores)
-    monkeypatch.setattr(background_hash, "LARGE_UPLOADS", uploads)
+    monkeypatch.setattr(large_uploads, "LARGE_UPLOADS", uploads)
     body = samples.pdf(samples.marker(), padding=6 * 1024 * 1024)  # past the hash threshold
     resp = upload(http, running.base_url, body, "application/pdf", "scan.pdf")
     assert resp.status_code == 202, resp.text

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from pathlib import Path
 
 import pytest
 
-from shared.background_hash import BackgroundSha256, LargeUploads, usable_cores
+from shared.background_hash import BackgroundSha256
+from shared.large_uploads import LargeUploads
 
 KIB = 1024
 
@@ -104,23 +104,6 @@ def test_one_core_hashes_every_upload_inline() -> None:
     _feed(digest, 10, expected)
     assert not digest.in_background
     assert digest.hexdigest() == expected.hexdigest()
-
-
-@pytest.mark.parametrize(("limit", "expected"), [
-    ("max 100000\n", None),          # no CPU limit: the affinity
-    ("150000 100000\n", 2),          # 1.5 cores: two may run at once
-    ("50000 100000\n", 1),
-    ("garbage\n", None),
-])
-def test_usable_cores_follow_a_cgroup_cpu_limit(
-    tmp_path: Path, limit: str, expected: int | None,
-) -> None:
-    affinity = len(os.sched_getaffinity(0))
-    path = tmp_path / "cpu.max"
-    path.write_text(limit)
-    want = affinity if expected is None else min(affinity, expected)
-    assert usable_cores(str(path)) == want
-    assert usable_cores(str(tmp_path / "missing")) == affinity
 
 
 def test_whole_bytes_objects_are_hashed_without_a_copy_and_views_of_parts_with_one() -> None:

@@ -15,8 +15,8 @@ from gunicorn.http.unreader import SocketUnreader
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from shared.background_hash import LargeUploads
 from shared.hashed_body import AHEAD_PIECE, HashedBody
+from shared.large_uploads import LargeUploads
 from shared.request_body import body_reader
 
 KIB = 1024
