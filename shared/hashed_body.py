@@ -60,7 +60,7 @@ class HashedBody:
         self._ended = False
         self._ring: list[bytearray] = []
         self.received = 0
-        self.pieces_ahead = 0  # pieces the receiving thread received (for tests and logs)
+        self.pieces_ahead = 0  # pieces the receiving thread received (the tests look)
 
     def sha256_hex(self) -> str:
         if not self._ended:
