@@ -25,7 +25,7 @@ MIB = 1024 * KIB
 
 class _Bytes:
     """A body from memory, handed out ``step`` bytes at a time at most (as a socket might),
-    failing with ``error`` once ``fail_at`` bytes have gone."""
+    failing as a reset connection would once ``fail_at`` bytes have gone."""
 
     def __init__(self, data: bytes, step: int = 100 * KIB, fail_at: int | None = None) -> None:
         self._data = io.BytesIO(data)
