@@ -136,6 +136,8 @@ class HashedBody:
         try:
             while not stop.is_set() and self._uploads.core_to_spare():
                 ring_buffer = free.get()
+                if stop.is_set():  # it waited for this buffer while the request gave up
+                    break
                 view = memoryview(ring_buffer)
                 count = 0
                 while count < len(view):

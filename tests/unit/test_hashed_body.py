@@ -8,6 +8,7 @@ import io
 import os
 import socket
 import threading
+import time
 
 import pytest
 from gunicorn.http.body import Body, LengthReader
@@ -96,18 +97,35 @@ def test_a_second_large_upload_takes_the_core_back_and_the_rest_comes_inline() -
     uploads.leave()
 
 
+class _Watched(_Bytes):
+    """Counts the reads made once the request has given up (a stalled client's socket
+    would hold such a read until it timed out)."""
+
+    given_up = False
+    reads_after = 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self.given_up:
+            self.reads_after += 1
+        return super().readinto(buffer)
+
+
 def test_an_abandoned_body_stops_its_thread() -> None:
     data = os.urandom(10 * MIB)
     uploads = LargeUploads(cores=2)
-    body = HashedBody(_Bytes(data), len(data), threshold=MIB, uploads=uploads)
+    source = _Watched(data)
+    body = HashedBody(source, len(data), threshold=MIB, uploads=uploads)
     pieces = body.pieces()
     taken = 0
     for piece in pieces:
         taken += len(piece)
         if taken >= 3 * MIB:
             break
+    time.sleep(0.2)  # the thread fills the ring and waits for a buffer
+    source.given_up = True
     pieces.close()  # the writer failed, say: the upload gives up
     assert _threads() == []
+    assert source.reads_after == 0
     assert uploads.in_flight == 0
     with pytest.raises(ValueError, match="not been received to its end"):
         body.sha256_hex()
