@@ -1,12 +1,19 @@
 """Notification deliveries: the idempotency record that keeps a push from being sent twice.
 
 One record per announced outcome (document id + status). A handler claims it with a lease
-(the in-progress state); tokens are marked sent one by one, so a retry after a partial
+(the in-progress state); devices are marked sent one by one, so a retry after a partial
 failure only sends to the devices that have not had the message yet.
+
+A device is recorded by a digest of its push token (``device_key``), never the token: a
+token is what lets anyone who holds it, with the project's credentials, push to that phone,
+and delivery records outlive the devices (the user's record drops a token as soon as FCM
+says it is gone). Registration tokens are long random strings, so the digest tells no one
+the token.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,15 +37,35 @@ class DeliveryInProgress(Exception):
     """Another worker holds the lease; the event is retried later."""
 
 
-# A finished delivery: its key, its outcome, the devices reached in its last round.
+# A finished delivery: its key, its outcome, the devices reached in its last round (their
+# push tokens and FCM message ids).
 Completion = tuple[str, dict[str, Any], list[tuple[str, str | None]] | None]
+
+
+def device_key(token: str) -> str:
+    """How a delivery record names a device: the first 128 bits of its token's SHA-256."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def _sent_devices(raw: dict[str, Any]) -> set[str]:
+    # Records written before device keys hold the token itself.
+    return {s["device"] if "device" in s else device_key(s["token"])
+            for s in raw.get("sent", [])}
+
+
+def _sent_entries(sent: list[tuple[str, str | None]], now: datetime) -> list[dict[str, Any]]:
+    return [{"device": device_key(t), "message_id": m, "at": now} for t, m in sent]
 
 
 @dataclass
 class Delivery:
     key: str
     completed: bool
-    sent_tokens: set[str] = field(default_factory=set)
+    sent_devices: set[str] = field(default_factory=set)  # device_key of each
+
+    def owes(self, token: str) -> bool:
+        """Whether the device with this token has not had the message yet."""
+        return device_key(token) not in self.sent_devices
 
 
 class DeliveryRepository:
@@ -114,18 +141,18 @@ class DeliveryRepository:
         # collection: what an earlier attempt already sent, or why the claim failed.
         raw = self.col.find_one({"_id": key}) or {}
         if result.matched_count == 1:
-            return Delivery(key=key, completed=False,
-                            sent_tokens={s["token"] for s in raw.get("sent", [])})
+            return Delivery(key=key, completed=False, sent_devices=_sent_devices(raw))
         if raw.get("state") == "completed":
             return Delivery(key=key, completed=True)
         raise DeliveryInProgress(key)
 
     def mark_sent(self, key: str, sent: list[tuple[str, str | None]]) -> None:
-        """Record devices that have the message, so a retry skips them."""
+        """Record devices (token, FCM message id) that have the message, so a retry
+        skips them."""
         if sent:
             now = utcnow()
-            self.col.update_one({"_id": key}, {"$push": {"sent": {"$each": [
-                {"token": t, "message_id": m, "at": now} for t, m in sent]}}})
+            self.col.update_one({"_id": key},
+                                {"$push": {"sent": {"$each": _sent_entries(sent, now)}}})
 
     def complete(self, key: str, outcome: dict[str, Any],
                  sent: list[tuple[str, str | None]] | None = None) -> None:
@@ -147,8 +174,7 @@ class DeliveryRepository:
         update: dict[str, Any] = {"$set": {"state": "completed", "lease_until": COMPLETED,
                                            "completed_at": now, "outcome": outcome}}
         if sent:
-            update["$push"] = {"sent": {"$each": [
-                {"token": t, "message_id": m, "at": now} for t, m in sent]}}
+            update["$push"] = {"sent": {"$each": _sent_entries(sent, now)}}
         return update
 
     def release(self, key: str, error: str) -> None:

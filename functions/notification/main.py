@@ -101,17 +101,18 @@ def _attempt(svc: Services, key: str, data: DocumentStored | DocumentRejected,
         log.info("delivery %s already completed; nothing sent", key)
         return None
     try:
-        return _deliver(svc, key, data, delivery.sent_tokens)
+        return _deliver(svc, key, data, delivery)
     except BaseException as exc:
         svc.deliveries.release(key, describe(exc))
         raise
 
 
 def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
-             already: set[str]) -> Completion:
+             delivery: Delivery) -> Completion:
     user = svc.users.get(data.owner)
     tokens = [d.token for d in user.devices] if user and user.status == "active" else []
-    messages = [_message(token, data) for token in tokens if token not in already]
+    messages = [_message(token, data) for token in tokens if delivery.owes(token)]
+    already = len(tokens) - len(messages)
     results = svc.push.send(messages) if messages else []
     sent: list[tuple[str, str | None]] = []
     unregistered: list[str] = []
@@ -136,10 +137,10 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
         raise PushNotDelivered(f"{len(later)} device(s) to retry: {later[0].error}",
                                max(hints) if hints else None)
     log.info("announced %s of document %s to %d of %d device(s)", data.__class__.__name__,
-             data.document_id, len(already) + len(sent), len(tokens))
+             data.document_id, already + len(sent), len(tokens))
     return key, {
         "devices": len(tokens),
-        "sent": len(already) + len(sent),
+        "sent": already + len(sent),
         "unregistered": len(unregistered),
         "failed": len(failed),
     }, sent

@@ -26,7 +26,7 @@ from events.subscriptions import BatchHandler, RetryPolicy, Subscription
 from functions.notification.main import handle_batch as notify_batch
 from functions.storage.main import handle_batch as store_batch
 from shared.config import Settings
-from shared.deliveries import DeliveryRepository
+from shared.deliveries import DeliveryRepository, device_key
 from shared.documents import DocumentRepository, Status
 from shared.ids import new_document_id
 from tests import samples
@@ -287,4 +287,4 @@ def test_storage_and_notification_batches_share_their_round_trips(
         delivery = idle.svc.deliveries.get(f"{doc_id}.stored")
         assert delivery is not None
         assert delivery["state"] == "completed"
-        assert [s["token"] for s in delivery["sent"]] == ["phone-batch"]
+        assert [s["device"] for s in delivery["sent"]] == [device_key("phone-batch")]

@@ -7,7 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.deliveries import COMPLETED, RELEASED, DeliveryInProgress, DeliveryRepository
+from shared.deliveries import (
+    COMPLETED,
+    RELEASED,
+    DeliveryInProgress,
+    DeliveryRepository,
+    device_key,
+)
 from tests.helpers import Commands
 from tests.services import MongoServer, scratch_database, unique
 
@@ -42,7 +48,7 @@ def test_a_first_claim_is_one_insert_and_leases_the_record(
     key = unique("doc-") + ".stored"
     delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
     assert not delivery.completed
-    assert delivery.sent_tokens == set()
+    assert delivery.sent_devices == set()
     assert (commands.inserts.count, commands.updates.count) == (1, 0)
     record = repo.get(key)
     assert record is not None
@@ -83,12 +89,41 @@ def test_a_released_delivery_is_claimed_again_with_what_was_sent(
     assert repo.get(key)["lease_until"] == RELEASED  # type: ignore[index]
     delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
     assert not delivery.completed
-    assert delivery.sent_tokens == {"token-a"}
+    assert (delivery.owes("token-a"), delivery.owes("token-b")) == (False, True)
     record = repo.get(key)
     assert record is not None
     assert record["attempts"] == 2
     assert record["state"] == "in_progress"
     assert record["lease_until"] > record["updated_at"]
+
+
+def test_a_delivery_record_names_devices_by_digest_never_by_token(
+    repo: DeliveryRepository,
+) -> None:
+    token = "fcm-token-" + "x7" * 70  # registration tokens run to about 160 characters
+    key = unique("doc-") + ".stored"
+    repo.claim(key, "doc-1", "driver-1", LEASE)
+    repo.mark_sent(key, [(token, "msg-1")])
+    repo.complete(key, {"devices": 2, "sent": 2}, [("token-b", "msg-2")])
+    record = repo.get(key)
+    assert record is not None
+    assert [(s["device"], s["message_id"]) for s in record["sent"]] == [
+        (device_key(token), "msg-1"), (device_key("token-b"), "msg-2")]
+    assert token not in repr(record)
+    assert "token-b" not in repr(record)
+
+
+def test_a_record_from_before_device_keys_still_spares_its_devices(
+    repo: DeliveryRepository,
+) -> None:
+    """A delivery an earlier version released keeps raw tokens; its retry must not push
+    to them again."""
+    key = unique("doc-") + ".stored"
+    repo.col.insert_one({"_id": key, "document_id": "doc-1", "owner": "driver-1",
+                         "state": "in_progress", "lease_until": RELEASED, "attempts": 1,
+                         "sent": [{"token": "token-a", "message_id": "msg-1"}]})
+    delivery = repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert (delivery.owes("token-a"), delivery.owes("token-b")) == (False, True)
 
 
 def test_a_lapsed_lease_is_taken_over(repo: DeliveryRepository) -> None:

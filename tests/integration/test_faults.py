@@ -21,6 +21,7 @@ import requests
 from docproc.operations import dead_letters
 from shared.blobstore import Area
 from shared.config import Settings
+from shared.deliveries import device_key
 from tests import samples
 from tests.conftest import Running, serving
 from tests.fcm_stub import FcmStub
@@ -194,6 +195,27 @@ def test_fcm_throttling_is_retried_after_its_retry_after_and_delivered_once(
         user = run.svc.users.get("driver-1")
         assert user is not None
         assert [d.token for d in user.devices] == ["busy-phone"]  # the dead token is gone
+
+
+def test_a_retry_after_one_device_was_throttled_reaches_only_that_device(
+    service_settings: Callable[..., Settings], fcm: FcmStub, http: requests.Session,
+) -> None:
+    with serving(service_settings, retry_delays=(0.2, 1.0, 2.0)) as run:
+        phones = ["phone-" + "a" * 150, "phone-" + "b" * 150]
+        for phone in phones:
+            register_device(http, run.base_url, phone)
+        fcm.fail_next(1, 429, retry_after=1)  # whichever device goes first is throttled
+        doc_id = upload(http, run.base_url, samples.pdf(), "application/pdf").json()["id"]
+        wait_for(lambda: (run.svc.deliveries.get(f"{doc_id}.stored") or {}).get("state")
+                 == "completed", what="the delivery")
+        time.sleep(0.5)
+        assert [len(fcm.messages_for(phone)) for phone in phones] == [1, 1]
+        delivery = run.svc.deliveries.get(f"{doc_id}.stored")
+        assert delivery is not None
+        assert delivery["attempts"] == 2
+        assert delivery["outcome"]["sent"] == 2
+        assert sorted(s["device"] for s in delivery["sent"]) == sorted(map(device_key, phones))
+        assert not any(phone in repr(delivery) for phone in phones)  # digests, never tokens
 
 
 def test_fcm_that_keeps_failing_is_dead_lettered_not_retried_forever(
