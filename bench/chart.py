@@ -8,7 +8,7 @@ from typing import Any
 
 from bench import documents
 from bench.procs import MIB
-from bench.report import floor_best
+from bench.report import Floor
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
@@ -24,7 +24,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     colors = {"embedded": "tab:blue", "services": "tab:orange"}
     for row, name in enumerate(names):
         ax_t, ax_l = axes[row]
-        fdocs = floor_best(result["floor"], name, "docs_per_s")
+        # The floor the services mode's targets use (beside its workload, when measured).
+        floor = Floor(result, "services", name)
+        fdocs = floor.best("docs_per_s")
         for mode, mres in result["modes"].items():
             wl = mres.get("workloads", {}).get(name)
             if not wl:
@@ -70,7 +72,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
             ax_t.plot([0, top], [0, top], color="gray", lw=0.8, alpha=0.5,
                       label="offered = achieved")
         if fdocs:
-            ax_t.axhline(fdocs, color="green", ls="--", lw=1, label="floor (best)")
+            ax_t.axhline(fdocs, color="green", ls="--", lw=1,
+                         label=f"floor (best), {floor.where}")
             ax_t.axhline(fdocs / 2, color="green", ls=":", lw=1, label="50% of floor")
         size = documents.document_size(result["config"][name]["size"]) / MIB
         ax_t.set_title(f"{name} ({size:.2f} MiB): throughput vs offered rate")

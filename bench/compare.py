@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.report import figure
+from bench.report import figure, floor_best
 
 
 def flatten(result: dict[str, Any]) -> dict[str, float]:
@@ -17,12 +17,13 @@ def flatten(result: dict[str, Any]) -> dict[str, float]:
             if kind in entry:
                 out[f"floor/{name}/{kind}/docs_per_s"] = entry[kind]["docs_per_s"]
                 out[f"floor/{name}/{kind}/mib_per_s"] = entry[kind]["mib_per_s"]
-    for name, entry in result.get("floor_end", {}).items():
-        if "concurrent" in entry:
-            out[f"floor_end/{name}/concurrent/docs_per_s"] = entry["concurrent"]["docs_per_s"]
     for mode, mres in result.get("modes", {}).items():
         for name, wl in mres.get("workloads", {}).items():
             p = f"{mode}/{name}"
+            for when, entry in (wl.get("floor_beside") or {}).items():
+                best = floor_best({name: entry}, name, "docs_per_s")
+                if best is not None:
+                    out[f"{p}/floor_{when}/docs_per_s"] = best
             sus = wl.get("sustained") or {}
             for key in ("docs_per_s", "mib_per_s"):
                 if sus.get(key) is not None:

@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,10 @@ def mongo_server(h: Harness, name: str) -> Iterator[tuple[str, int]]:
 
 def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, mongo_pid: int,
              workers: int, profile: dict[str, Any] | None,
-             serve_processes: int = 1) -> dict[str, Any]:
+             serve_processes: int = 1,
+             beside: Callable[[Workload, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Runs ``docproc serve`` (and workers) under the workloads; with ``beside``, each
+    workload's floor is measured right before and right after it (``floor_beside``)."""
     port = free_port()
     data_dir = h.work / f"data-{mode}"
     prefix = f"docproc-bench-{h.run_id}-{mode}"
@@ -191,8 +194,11 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
         result["workloads"] = {}
         try:
             for wl in workloads:
-                result["workloads"][wl.name] = run_workload(h, client, tracked, mongo, db_name,
-                                                            wl)
+                before = beside(wl, "before") if beside else None
+                entry = run_workload(h, client, tracked, mongo, db_name, wl)
+                if beside and before:
+                    entry["floor_beside"] = {"before": before, "after": beside(wl, "after")}
+                result["workloads"][wl.name] = entry
             if profile is not None:
                 result["profile"] = run_profile(h, client, tracked, result, profile)
         finally:

@@ -30,21 +30,68 @@ def floor_latency(floor: dict[str, Any], name: str) -> float | None:
     return entry["latency_ms"]["p50"] if entry else None
 
 
+def mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+class Floor:
+    """The floor a workload's ratios use: the mean of the two measured right before and
+    right after it (``floor_beside``, services mode), or else the run's first.
+
+    The machine's speed drifts within a run, and a ratio is only as good as a floor
+    measured under the same conditions as the pipeline's figure it divides."""
+
+    def __init__(self, result: dict[str, Any], mode: str, name: str) -> None:
+        self.name = name
+        self.start: dict[str, Any] = result["floor"]
+        wl = result["modes"].get(mode, {}).get("workloads", {}).get(name, {})
+        beside = wl.get("floor_beside") or {}
+        self.beside = [{name: beside[k]} for k in ("before", "after") if k in beside]
+        self.entries = self.beside or [self.start]
+
+    @property
+    def where(self) -> str:
+        return "beside the workload" if self.beside else "at the run's start"
+
+    def best(self, key: str) -> float | None:
+        return mean([floor_best(e, self.name, key) for e in self.entries])
+
+    def start_best(self, key: str) -> float | None:
+        return floor_best(self.start, self.name, key)
+
+    def latency(self) -> float | None:
+        return mean([floor_latency(e, self.name) for e in self.entries])
+
+    def cpu(self) -> float | None:
+        return mean([e.get(self.name, {}).get("sequential", {}).get("cpu_s_per_doc")
+                     for e in self.entries])
+
+    def services_cpu(self, process: str) -> float | None:
+        return mean([e.get(self.name, {}).get("services_cpu_s_per_doc", {}).get(process)
+                     for e in self.entries])
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    floor = result["floor"]
     svc = result["modes"].get("services", {}).get("workloads", {})
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, limit: float, ok: bool | None, unit: str) -> None:
+    def add(name: str, value: float | None, limit: float, ok: bool | None, unit: str,
+            **more: Any) -> None:
         out.append({"target": name, "value": value, "limit": limit, "unit": unit,
-                    "met": ok})
+                    "met": ok, **more})
+
+    def against_floor(name: str, workload: str, measured: float | None, key: str,
+                      limit: float) -> None:
+        floor = Floor(result, "services", workload)
+        r = ratio(measured, floor.best(key))
+        add(name, r, limit, None if r is None else r >= limit, "x floor",
+            floor=floor.best(key), floor_measured=floor.where,
+            against_start_floor=ratio(measured, floor.start_best(key)))
 
     small = svc.get("small", {})
-    sus = (small.get("sustained") or {}).get("docs_per_s")
-    fl = floor_best(floor, "small", "docs_per_s")
-    r = ratio(sus, fl)
-    add("small: sustained throughput >= 50% of the floor's", r, 0.5,
-        None if r is None else r >= 0.5, "x floor")
+    against_floor("small: sustained throughput >= 50% of the floor's", "small",
+                  (small.get("sustained") or {}).get("docs_per_s"), "docs_per_s", 0.5)
     half = small.get("half") or {}
     p99 = (half.get("latency_ms", {}).get("stored") or {}).get("p99")
     add("small: p99 upload->stored < 250 ms at half the sustained rate", p99, 250.0,
@@ -52,12 +99,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     p99a = (half.get("latency_ms", {}).get("accept") or {}).get("p99")
     add("small: upload 202 p99 < 50 ms at half the sustained rate", p99a, 50.0,
         None if p99a is None else p99a < 50.0, "ms")
-    large = svc.get("large", {})
-    lm = (large.get("sustained") or {}).get("mib_per_s")
-    lf = floor_best(floor, "large", "mib_per_s")
-    r = ratio(lm, lf)
-    add("large: MiB/s >= 70% of the floor's", r, 0.7, None if r is None else r >= 0.7,
-        "x floor")
+    against_floor("large: MiB/s >= 70% of the floor's", "large",
+                  (svc.get("large", {}).get("sustained") or {}).get("mib_per_s"),
+                  "mib_per_s", 0.7)
     peaks = [v for w in svc.values() for role, v in (w.get("peak_rss_mib") or {}).items()
              if v is not None and role != "secantusd"]
     worst = max(peaks) if peaks else None
@@ -68,15 +112,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_report(result: dict[str, Any]) -> None:
     floor = result["floor"]
-    print("\n== floor (bench/floor.py) ==")
-    floor_end = result.get("floor_end") or {}
-    for name in floor_end:
-        start, end = floor_best(floor, name, "docs_per_s"), floor_best(
-            floor_end, name, "docs_per_s")
-        if start and end:
-            print(f"{name} floor at the start {start:.1f} docs/s, at the end {end:.1f} "
-                  f"({(end / start - 1) * 100:+.0f}%: the machine's drift during the run; "
-                  f"ratios use the start)")
+    print("\n== floor (bench/floor.py), at the run's start ==")
     print(f"{'size':8} {'mode':11} {'docs/s':>8} {'MiB/s':>8} {'p50 ms':>8} {'CPU s/doc':>10}")
     for name, entry in floor.items():
         for kind in ("sequential", "concurrent"):
@@ -93,10 +129,16 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"\n== {mode} ==  (ratios: throughput / floor's best, latency / floor's "
               f"sequential p50, CPU / floor's; '!': warnings were logged during the step)")
         for name, wl in mres.get("workloads", {}).items():
-            fdocs = floor_best(floor, name, "docs_per_s")
-            flat = floor_latency(floor, name)
-            fcpu = floor.get(name, {}).get("sequential", {}).get("cpu_s_per_doc")
+            fl = Floor(result, mode, name)
+            fdocs, flat, fcpu = fl.best("docs_per_s"), fl.latency(), fl.cpu()
             print(f"-- {name} ({wl['size'] / MIB:.2f} MiB, {wl['concurrency']} clients)")
+            if fl.beside:
+                start = fl.start_best("docs_per_s")
+                near = [floor_best(e, name, "docs_per_s") for e in fl.entries]
+                print("   floor beside the workload: " + ", ".join(
+                    f"{when} {figure(v, '{:.1f}')} ({figure(ratio(v, start), '{:.2f}')} x the "
+                    f"start's)" for when, v in zip(("before", "after"), near, strict=False))
+                      + f" docs/s; ratios use their mean, {figure(fdocs, '{:.1f}')}")
             print(f"   {'step':13} {'offered':>8} {'acc/s':>7} {'stored/s':>9} {'MiB/s':>7}"
                   f" {'x fl':>5} | {'202 p50/p90/p99/max ms':>24} | "
                   f"{'stored p50/p90/p99/max ms':>26} | {'push p50/p99 ms':>16} | lag p99 |"
@@ -125,9 +167,13 @@ def print_report(result: dict[str, Any]) -> None:
             sus = wl.get("sustained") or {}
             half = wl.get("half") or {}
             hl = half.get("latency_ms", {})
+            start_ratio = "" if not fl.beside else \
+                f" ({figure(ratio(sus.get('docs_per_s'), fl.start_best('docs_per_s')), '{:.2f}')}" \
+                " x the start's floor)"
             print(f"   sustained {figure(sus.get('docs_per_s'), '{:.2f}')} docs/s "
                   f"{figure(sus.get('mib_per_s'), '{:.1f}')} MiB/s = "
-                  f"{figure(ratio(sus.get('docs_per_s'), fdocs), '{:.2f}')} x floor")
+                  f"{figure(ratio(sus.get('docs_per_s'), fdocs), '{:.2f}')} x floor"
+                  + start_ratio)
             if hl:
                 print(f"   at half rate: p50 stored "
                       f"{figure(hl['stored']['p50'], '{:.0f}')} ms = "
@@ -136,7 +182,7 @@ def print_report(result: dict[str, Any]) -> None:
                       f"p99 202 {figure(hl['accept']['p99'], '{:.0f}')} ms; "
                       f"p99 push {figure(hl['push']['p99'], '{:.0f}')} ms")
             cpu = wl["cpu_s_per_doc"]
-            fdb = floor.get(name, {}).get("services_cpu_s_per_doc", {}).get("secantusd")
+            fdb = fl.services_cpu("secantusd")
             db_ratio = "" if "secantusd" not in cpu else \
                 f", secantusd = {figure(ratio(cpu.get('secantusd'), fdb), '{:.1f}')} x floor's"
             print("   CPU s/doc: " + ", ".join(f"{k} {v:.4f}" for k, v in cpu.items() if v)
@@ -192,8 +238,10 @@ def print_report(result: dict[str, Any]) -> None:
     print("\n== targets (services mode) ==")
     for t in result["targets"]:
         state = {True: "MET", False: "MISSED", None: "n/a"}[t["met"]]
+        against = "" if t.get("floor_measured") != "beside the workload" else \
+            f"; {figure(t.get('against_start_floor'), '{:.2f}')} x the start's floor"
         print(f"  {state:6} {t['target']}: {figure(t['value'], '{:.2f}')} {t['unit']} "
-              f"(limit {t['limit']:g})")
+              f"(limit {t['limit']:g}{against})")
     if result["problems"]:
         print("\n== problems ==")
         for p in result["problems"][:30]:

@@ -65,6 +65,19 @@ def run_floor(h: Harness, workloads: list[Workload], mongo_uri: str,
     return floor
 
 
+def floor_beside(h: Harness, w: Workload, when: str) -> dict[str, Any]:
+    """The workload's floor again, right before or after the services mode runs it.
+
+    The machine's speed drifts within a run (the host's other tenants): the small floor
+    has measured 16-37% apart between a run's start and its end. A floor measured beside
+    the workload, against a fresh SecantusDB server as the first, is the one its ratios
+    use; written-back pages first, so that what the pipeline left does not slow it."""
+    os.sync()
+    with mongo_server(h, f"floor-{w.name}-{when}") as (mongo_uri, mongo_pid):
+        entry: dict[str, Any] = run_floor(h, [w], mongo_uri, mongo_pid)[w.name]
+    return entry
+
+
 def start_fcm(work: Path) -> tuple[subprocess.Popen[bytes], Path]:
     fcm_dir = work / "fcm"
     proc = subprocess.Popen([sys.executable, "-m", "bench.fcm_server", "--dir", str(fcm_dir)],
@@ -182,17 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                            "out": f"{latest}-{mode}"}
             if mode == "services":
                 with mongo_server(h, mode) as (mongo_uri, mongo_pid):
-                    result["modes"][mode] = run_mode(h, mode, workloads, mongo_uri,
-                                                     mongo_pid, args.workers, profile,
-                                                     args.serve_processes)
+                    result["modes"][mode] = run_mode(
+                        h, mode, workloads, mongo_uri, mongo_pid, args.workers, profile,
+                        args.serve_processes,
+                        beside=lambda w, when: floor_beside(h, w, when))
             else:
                 result["modes"][mode] = run_mode(h, mode, workloads, "", 0, 0, profile)
-        # The small documents' floor once more: the machine's speed drifts (other tenants of
-        # the host), and a ratio means little if the floor moved under the run.
-        small = [w for w in workloads if w.name == "small"]
-        if small:
-            with mongo_server(h, "floor-end") as (mongo_uri, mongo_pid):
-                result["floor_end"] = run_floor(h, small, mongo_uri, mongo_pid)
     finally:
         stop_process(fcm)
         result["problems"] = h.problems

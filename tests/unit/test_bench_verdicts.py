@@ -85,6 +85,29 @@ def test_a_target_without_figures_is_neither_met_nor_missed() -> None:
     assert verdicts["large: MiB/s"] == (None, None)
 
 
+def _floor(small_docs_per_s: float) -> dict[str, Any]:
+    return {"sequential": {"docs_per_s": 100.0, "mib_per_s": 6.25,
+                           "latency_ms": {"p50": 6.0}, "cpu_s_per_doc": 0.002},
+            "concurrent": {"docs_per_s": small_docs_per_s, "mib_per_s": 0.0}}
+
+
+def test_a_floor_measured_beside_the_workload_is_the_one_its_ratio_uses() -> None:
+    result = _result(small_docs_per_s=100.0, large_mib_per_s=None)
+    small = result["modes"]["services"]["workloads"]["small"]
+    # The run's start measured 200 documents/s; beside the workload the machine was slower.
+    small["floor_beside"] = {"before": _floor(180.0), "after": _floor(140.0)}
+    by_name = {t["target"]: t for t in targets(result)}
+    verdict = by_name["small: sustained throughput >= 50% of the floor's"]
+    assert verdict["floor"] == pytest.approx(160.0)  # the mean of before and after
+    assert verdict["value"] == pytest.approx(100.0 / 160.0)
+    assert verdict["met"] is True
+    assert verdict["floor_measured"] == "beside the workload"
+    assert verdict["against_start_floor"] == pytest.approx(0.5)
+    # Without floors beside it, a workload's ratio is to the run's first floor.
+    large = by_name["large: MiB/s >= 70% of the floor's"]
+    assert large["floor_measured"] == "at the run's start"
+
+
 def test_the_latest_full_run_keeps_its_verdicts() -> None:
     """The committed result, judged again by today's code, gives the verdicts it printed."""
     result = json.loads((RESULTS / "latest.json").read_text())
@@ -104,3 +127,19 @@ def test_compare_prints_the_change_of_every_figure(tmp_path: Path,
     assert lines["services/small/sustained/docs_per_s"] == ["100.000", "90.000", "-10.0%"]
     assert lines["floor/small/concurrent/docs_per_s"] == ["200.000", "250.000", "+25.0%"]
     assert lines["services/small/half/stored/p99_ms"] == ["16.000", "16.000", "+0.0%"]
+
+
+def test_compare_shows_the_floors_beside_a_workload(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    old = _result(small_docs_per_s=100.0, large_mib_per_s=None)
+    new = _result(small_docs_per_s=100.0, large_mib_per_s=None)
+    for result, before in ((old, 180.0), (new, 240.0)):
+        result["modes"]["services"]["workloads"]["small"]["floor_beside"] = {
+            "before": _floor(before), "after": _floor(150.0)}
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    compare(old_path, new)
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("services/small/floor_")}
+    assert lines == {"services/small/floor_before/docs_per_s": ["180.000", "240.000", "+33.3%"],
+                     "services/small/floor_after/docs_per_s": ["150.000", "150.000", "+0.0%"]}
