@@ -214,7 +214,7 @@ def test_backup_verify_list_and_restore_into_a_fresh_installation(
         # The restore recreates the indexes (those SecantusDB's planner uses, see
         # DocumentRepository.ensure_indexes).
         assert set(fresh.svc.documents.col.index_information()) == {
-            "_id_", "idempotency_slot", "content_slot", "status_updated", "outbox_due"}
+            "_id_", "idempotency_slot", "content_slot", "outbox_due"}
         for doc_id in contents.stored:
             restored_file = fresh.svc.blobs.path(Area.OBJECTS, doc_id).read_bytes()
             entry = next(f for f in manifest.objects if f.path.endswith(doc_id))
