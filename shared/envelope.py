@@ -273,6 +273,9 @@ class EnvelopeWriter:
     ) -> None:
         _check_key(key)
         _check_chunk_size(chunk_size)
+        if digest is not None and not hash_plaintext:
+            # It would be left unfed, and its hexdigest would not be the document's.
+            raise ValueError("a digest was given to a writer told not to hash")
         self._sink = sink
         self._chunk_size = chunk_size
         header = _HEADER.pack(MAGIC, FORMAT_VERSION, chunk_size, os.urandom(NONCE_PREFIX_SIZE))

@@ -703,3 +703,9 @@ def test_a_writer_told_not_to_hash_still_encrypts_and_refuses_a_digest() -> None
         writer.sha256_hex()
     sink.seek(0)
     assert b"".join(decrypt_stream(key, sink, associated_data=b"doc")) == data
+
+
+def test_a_writer_refuses_a_digest_it_was_told_not_to_feed() -> None:
+    with pytest.raises(ValueError, match="told not to hash"):
+        EnvelopeWriter(os.urandom(32), io.BytesIO(), digest=hashlib.sha256(),
+                       hash_plaintext=False)
