@@ -84,9 +84,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     def against_floor(name: str, workload: str, measured: float | None, key: str,
                       limit: float) -> None:
         floor = Floor(result, "services", workload)
-        r = ratio(measured, floor.best(key))
+        best = floor.best(key)
+        r = ratio(measured, best)
         add(name, r, limit, None if r is None else r >= limit, "x floor",
-            floor=floor.best(key), floor_measured=floor.where,
+            floor=best, floor_measured=floor.where,
             against_start_floor=ratio(measured, floor.start_best(key)))
 
     small = svc.get("small", {})
