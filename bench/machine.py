@@ -4,8 +4,11 @@ packages and services."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,31 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _python_work() -> None:
+    record = {"id": "0" * 32, "owner": "driver-0001", "size": 65536, "tags": ["a", "b"]}
+    for _ in range(20):
+        json.loads(json.dumps(record))
+    items = [{"n": i, "key": str(i * 7919 % 1000)} for i in range(300)]
+    items.sort(key=lambda item: item["key"])
+    sum(item["n"] % 7 for item in items)
+
+
+def interpreter_ms() -> float:
+    """CPU milliseconds this interpreter takes for a fixed piece of plain Python work (JSON,
+    dicts, sorting), best of five. Builds of one Python version differ by a fifth and more
+    (pyenv's default build against Debian's, bench/README.md Finding 41), and the pipeline,
+    the floor's script and the SecantusDB server all run on it."""
+    for _ in range(20):
+        _python_work()
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(200):
+            _python_work()
+        best = min(best, time.process_time() - start)
+    return round(best * 1000, 1)
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -51,4 +79,5 @@ def machine() -> dict[str, Any]:
                 mem = int(line.split()[1]) * 1024
     return {"cpu_count": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem / 2**30, 1),
             "kernel": platform.release(), "python": platform.python_version(),
+            "python_executable": sys.executable, "python_work_ms": interpreter_ms(),
             "loadavg_at_start": os.getloadavg(), "versions": versions()}

@@ -174,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings,
         "client_connections": "fresh per upload" if args.fresh_connections else "kept",
     }
+    facts = result["machine"]
     print(f"docproc bench {run_id}: work dir {work}; load average "
-          f"{result['machine']['loadavg_at_start']}", flush=True)
+          f"{facts['loadavg_at_start']}; Python {facts['python']} "
+          f"({facts['python_executable']}, {facts['python_work_ms']} ms of plain Python work)",
+          flush=True)
     t0 = time.monotonic()
     fcm, fcm_dir = start_fcm(work)
     h = Harness(run_id, work, fcm_dir, fcm.pid, Receipts(fcm_dir / "receipts.jsonl"),
