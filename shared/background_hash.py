@@ -3,12 +3,11 @@
 hashlib releases the interpreter lock for large updates, so a thread of its own can hash in
 parallel with the upload's thread (socket reads, AES-GCM, file writes): one upload alone then
 finishes sooner. That costs CPU, though: the hashing thread reads every piece from the other
-core's cache (SHA-256 runs at about 1.7 GB/s here over data just received on the same core,
-1.1 GB/s over data from elsewhere) and the pieces queue between threads. So an upload hashes
-on a thread only while this process has fewer large uploads in flight than it has cores
-(``shared.large_uploads``);
-when a second one arrives on two cores, both hash inline, while each piece is still in its
-core's cache, and get more done (bench/README.md, Findings 36). Small bodies never start the
+core's cache, where SHA-256 is slower (``shared.hashed_body`` gives the figures), and the
+pieces queue between threads. So an upload hashes on a thread only while this process has
+fewer large uploads in flight than it has cores (``shared.large_uploads``); when a second
+one arrives on two cores, both hash inline, while each piece is still in its core's cache,
+and get more done (bench/README.md, Finding 36). Small bodies never start the
 thread: the first ``threshold`` bytes are hashed inline, where a thread would cost more than
 it saves.
 """

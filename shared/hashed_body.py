@@ -8,7 +8,7 @@ the data, and it runs fastest over data just received on the same core (about 1.
 against 1.1 GB/s over data from another core); AES-GCM is fast either way. Otherwise (a
 small body, or every core busy with an upload of its own) the request's thread receives,
 hashes and hands over each piece itself, through one reused buffer (bench/README.md,
-Findings 36).
+Finding 36).
 """
 
 from __future__ import annotations
