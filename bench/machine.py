@@ -44,9 +44,9 @@ def _python_work() -> None:
     record = {"id": "0" * 32, "owner": "driver-0001", "size": 65536, "tags": ["a", "b"]}
     for _ in range(20):
         json.loads(json.dumps(record))
-    items = [{"n": i, "key": str(i * 7919 % 1000)} for i in range(300)]
-    items.sort(key=lambda item: item["key"])
-    sum(item["n"] % 7 for item in items)
+    items = [(str(i * 7919 % 1000), i) for i in range(300)]
+    items.sort(key=lambda item: item[0])
+    sum(n % 7 for _, n in items)
 
 
 def interpreter_ms() -> float:
