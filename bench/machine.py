@@ -50,8 +50,8 @@ def _python_work() -> None:
 
 
 def interpreter_ms() -> float:
-    """CPU milliseconds this interpreter takes for a fixed piece of plain Python work (JSON,
-    dicts, sorting), best of five. Builds of one Python version differ by a fifth and more
+    """CPU milliseconds this interpreter takes for a fixed piece of plain Python work (JSON
+    and sorting), best of five. Builds of one Python version differ by a fifth and more
     (pyenv's default build against Debian's, bench/README.md Finding 41), and the pipeline,
     the floor's script and the SecantusDB server all run on it."""
     for _ in range(20):

@@ -7,9 +7,8 @@ core's cache, where SHA-256 is slower (``shared.hashed_body`` gives the figures)
 pieces queue between threads. So an upload hashes on a thread only while this process has
 fewer large uploads in flight than it has cores (``shared.large_uploads``); when a second
 one arrives on two cores, both hash inline, while each piece is still in its core's cache,
-and get more done (bench/README.md, Finding 36). Small bodies never start the
-thread: the first ``threshold`` bytes are hashed inline, where a thread would cost more than
-it saves.
+and get more done (bench/README.md, Finding 36). Small bodies never start the thread: the
+first ``threshold`` bytes are hashed inline, where a thread would cost more than it saves.
 """
 
 from __future__ import annotations
