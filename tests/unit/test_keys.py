@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,51 @@ class TestLocalKeyring:
         assert other.unwrap(fresh, CONTEXT) is not None
         assert other.unwrap(wrapped, CONTEXT) == data_key
 
+    def test_an_unchanged_settled_pointer_is_not_read_again(
+        self, keyring: LocalKeyring, keyring_dir: Path
+    ) -> None:
+        pointer = keyring_dir / "active"
+        _settle(pointer)
+        first = keyring.active_key_id()
+        # Other bytes of the same length, with the file's inode and mtime as they were:
+        # only reading the file again could tell.
+        before = pointer.stat()
+        with open(pointer, "r+b") as f:
+            f.write(b"local-" + b"0" * 16 + b"\n")
+        os.utime(pointer, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert keyring.active_key_id() == first
+
+    def test_a_settled_pointer_rotated_or_edited_in_place_is_read_again(
+        self, keyring: LocalKeyring, keyring_dir: Path
+    ) -> None:
+        pointer = keyring_dir / "active"
+        _settle(pointer)
+        first = keyring.active_key_id()
+        rotated = LocalKeyring(keyring_dir).rotate()  # a new file renamed over it
+        assert keyring.active_key_id() == rotated
+        _settle(pointer)
+        assert keyring.active_key_id() == rotated
+        pointer.write_text(f"{first}\n")  # an operator's edit: same inode, new mtime
+        assert keyring.active_key_id() == first
+        _, wrapped = keyring.generate(CONTEXT)
+        assert wrapped.key_id == first
+
+    def test_a_pointer_written_moments_ago_is_always_read(
+        self, keyring: LocalKeyring, keyring_dir: Path
+    ) -> None:
+        pointer = keyring_dir / "active"
+        first = keyring.active_key_id()
+        rotated = keyring.rotate()
+        assert keyring.active_key_id() == rotated
+        # Back to the first pointer's bytes within the same tick of the file system's clock
+        # (an inode reused, say), so the stamp is unchanged: for a file this fresh it
+        # cannot be trusted.
+        before = pointer.stat()
+        with open(pointer, "r+b") as f:
+            f.write(f"{first}\n".encode())
+        os.utime(pointer, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert keyring.active_key_id() == first != rotated
+
     def test_existing_directory_is_used(self, tmp_path: Path) -> None:
         directory = tmp_path / "exists"
         directory.mkdir(mode=0o700)
@@ -289,6 +335,12 @@ class TestLocalKeyring:
         assert len(results) == 8
         assert len(set(results)) == 1
         assert key_files(directory) == [directory / f"{results[0]}.key"]
+
+
+def _settle(path: Path) -> None:
+    """Date a file a minute back, as a pointer written long before it is read would be."""
+    past = time.time_ns() - 60 * 10**9
+    os.utime(path, ns=(past, past))
 
 
 def open_concurrently(directory: Path, workers: int) -> tuple[list[str], list[BaseException]]:
