@@ -239,8 +239,9 @@ class LocalKeyring:
     def _read_active(self) -> str | None:
         # Every upload asks for the active key. A stat says whether the pointer is the file
         # read last time: a rotation renames a new file over it (a new inode) and an edit
-        # in place changes its mtime, and a stat costs a fraction of opening and decoding
-        # the file each time (under load 5% of the upload's interpreter time, Finding 42).
+        # in place changes its mtime. One system call instead of the six of opening and
+        # reading the file, each of which lets go of the interpreter lock and, in a busy
+        # process, waits to take it back (bench/README.md, Finding 42).
         try:
             st = os.stat(self._active_path)
         except FileNotFoundError:
