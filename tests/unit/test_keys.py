@@ -268,12 +268,9 @@ class TestLocalKeyring:
         pointer = keyring_dir / "active"
         _settle(pointer)
         first = keyring.active_key_id()
-        # Other bytes of the same length, with the file's inode and mtime as they were:
-        # only reading the file again could tell.
-        before = pointer.stat()
-        with open(pointer, "r+b") as f:
-            f.write(b"local-" + b"0" * 16 + b"\n")
-        os.utime(pointer, ns=(before.st_atime_ns, before.st_mtime_ns))
+        # Other bytes with the file's inode, mtime and size as they were: only reading the
+        # file again could tell.
+        _rewrite_keeping_stamp(pointer, b"local-" + b"0" * 16 + b"\n")
         assert keyring.active_key_id() == first
 
     def test_a_settled_pointer_rotated_or_edited_in_place_is_read_again(
@@ -301,10 +298,7 @@ class TestLocalKeyring:
         # Back to the first pointer's bytes within the same tick of the file system's clock
         # (an inode reused, say), so the stamp is unchanged: for a file this fresh it
         # cannot be trusted.
-        before = pointer.stat()
-        with open(pointer, "r+b") as f:
-            f.write(f"{first}\n".encode())
-        os.utime(pointer, ns=(before.st_atime_ns, before.st_mtime_ns))
+        _rewrite_keeping_stamp(pointer, f"{first}\n".encode())
         assert keyring.active_key_id() == first != rotated
 
     def test_existing_directory_is_used(self, tmp_path: Path) -> None:
@@ -341,6 +335,15 @@ def _settle(path: Path) -> None:
     """Date a file a minute back, as a pointer written long before it is read would be."""
     past = time.time_ns() - 60 * 10**9
     os.utime(path, ns=(past, past))
+
+
+def _rewrite_keeping_stamp(path: Path, data: bytes) -> None:
+    """New bytes of the same length in place, the mtime put back: a stat sees no change."""
+    before = path.stat()
+    assert len(data) == before.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def open_concurrently(directory: Path, workers: int) -> tuple[list[str], list[BaseException]]:
