@@ -26,7 +26,7 @@ from shared.config import Settings, load_settings
 from shared.deliveries import DeliveryRepository
 from shared.documents import DocumentRepository
 from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
-from shared.links import LinkKey, LinkSigner, configured_keys
+from shared.links import KeyringFile, LinkKey, LinkSigner, configured_keys
 from shared.mongo import MongoHandle, open_mongo
 from shared.observability import HANDLED, setup_logging
 from shared.outbox_marks import PublishedMarks
@@ -125,7 +125,7 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
     return svc
 
 
-def link_keys(settings: Settings) -> list[LinkKey]:
+def link_keys(settings: Settings) -> list[LinkKey] | KeyringFile:
     until = settings.link_previous_key_until
     return configured_keys(settings.link_key, settings.link_previous_key,
                            until.timestamp() if until else None, settings.keys_dir)

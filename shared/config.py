@@ -184,6 +184,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _previous_link_key_differs(self) -> Settings:
+        # The same key twice would carry the previous key's retirement time: every link,
+        # new ones included, would be refused once DOCPROC_LINK_PREVIOUS_KEY_UNTIL passed.
+        if self.link_previous_key is not None and self.link_previous_key == self.link_key:
+            raise ValueError("DOCPROC_LINK_PREVIOUS_KEY must differ from DOCPROC_LINK_KEY")
+        return self
+
+    @model_validator(mode="after")
     def _marks_before_the_relay(self) -> Settings:
         if self.outbox_mark_linger_seconds > self.outbox_grace_seconds / 2:
             raise ValueError(

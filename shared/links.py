@@ -7,7 +7,8 @@ minted the link and that it is still valid; the download function also checks wh
 Keys come from ``DOCPROC_LINK_KEY`` (with an optional previous key still accepted until a
 given time), or from ``<data dir>/keys/link-keys.json``, generated on first use and rotated by
 ``docproc keys rotate-link``: links signed with the previous key keep working for a grace
-period, then answer 403.
+period, then answer 403. Running processes see a rotation of the keyring file at their next
+link, without a restart.
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 from shared.errors import ApiError
 
 FILES_PREFIX = "/v1/files/"
 KEYRING_FILE = "link-keys.json"
 MIN_KEY_BYTES = 32
+# What a link's query may hold, checked before anything is parsed: the expiry in plain ASCII
+# digits without leading zeros (``str.isdigit`` also takes "²", which ``int`` refuses, and
+# ``int`` refuses more than 4,300 digits), and the signature as the unpadded base64url of an
+# HMAC-SHA256 (``hmac.compare_digest`` refuses non-ASCII text).
+_EXPIRY = re.compile(r"[1-9][0-9]{0,11}")
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 @dataclass(frozen=True)
@@ -51,20 +59,73 @@ class LinkKey:
         return hashlib.sha256(self.secret).hexdigest()[:8]
 
 
-class LinkSigner:
-    def __init__(self, keys: Sequence[LinkKey], public_url: str) -> None:
+@dataclass(frozen=True)
+class KeySet:
+    """The keys in force: the active one signs, every one verifies what it signed."""
+
+    active: LinkKey
+    by_kid: dict[str, LinkKey]
+
+    @classmethod
+    def of(cls, keys: Sequence[LinkKey]) -> KeySet:
         if not keys:
             raise ValueError("at least one link signing key is needed")
         for key in keys:
             if len(key.secret) < MIN_KEY_BYTES:
                 raise ValueError(f"link signing keys must be at least {MIN_KEY_BYTES} bytes")
-        self.active = keys[0]
-        self._by_kid = {k.kid: k for k in keys}
+        by_kid = {k.kid: k for k in keys}
+        if len(by_kid) != len(keys):
+            # One would hide the other's retirement time: a previous key equal to the
+            # current one would retire the current one with it.
+            raise ValueError("the link signing keys must differ from one another")
+        return cls(keys[0], by_kid)
+
+
+class KeyringFile:
+    """The data dir's keyring, read again whenever the file changes: ``docproc keys
+    rotate-link`` in another process takes effect here at the next link."""
+
+    def __init__(self, keys_dir: Path) -> None:
+        self.path = keys_dir / KEYRING_FILE
+        load_keyring(keys_dir)  # made on first use
+        self._seen: tuple[int, int, int] | None = None
+        self._keys: KeySet | None = None
+
+    def current(self) -> KeySet:
+        # The file is only ever replaced whole (_write), so a new keyring is a new inode:
+        # one stat per link tells whether it changed.
+        st = os.stat(self.path)
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._keys is None or seen != self._seen:
+            self._keys, self._seen = KeySet.of(_read(self.path)), seen
+        return self._keys
+
+
+class LinkSigner:
+    def __init__(self, keys: Sequence[LinkKey] | KeyringFile, public_url: str) -> None:
+        self._current: Callable[[], KeySet]
+        if isinstance(keys, KeyringFile):
+            self._current = keys.current
+        else:
+            fixed = KeySet.of(keys)
+            self._current = lambda: fixed
+        self._current()  # refuses unusable keys now, not at the first link
         self.public_url = public_url.rstrip("/")
+
+    @property
+    def active(self) -> LinkKey:
+        return self._current().active
 
     @property
     def kid(self) -> str:
         return self.active.kid
+
+    def is_current(self, url: str) -> bool:
+        """Whether ``url`` is a link this signer would hand out now: at its public URL and
+        signed with the active key (a stored link outlives a rotation or a new host)."""
+        base, _, query = url.partition("?")
+        return (base.startswith(self.public_url + FILES_PREFIX)
+                and parse_qs(query).get("kid") == [self.kid])
 
     @staticmethod
     def _sign(key: LinkKey, method: str, path: str, expires: int) -> str:
@@ -77,16 +138,20 @@ class LinkSigner:
         # second off, all of a one-second link).
         expires = math.ceil((now if now is not None else time.time()) + ttl)
         path = FILES_PREFIX + doc_id
-        sig = self._sign(self.active, "GET", path, expires)
-        query = urlencode({"exp": expires, "kid": self.active.kid, "sig": sig})
+        active = self.active
+        sig = self._sign(active, "GET", path, expires)
+        query = urlencode({"exp": expires, "kid": active.kid, "sig": sig})
         return SignedLink(url=f"{self.public_url}{path}?{query}", expires=expires)
 
     def verify(self, method: str, path: str, exp: str | None, sig: str | None,
                kid: str | None = None, now: float | None = None) -> None:
         now = now if now is not None else time.time()
-        if not exp or not sig or not exp.isdigit():
+        if not exp or not sig:
             raise ApiError(403, "invalid_link", "the link is not signed")
-        key = self._by_kid.get(kid or self.active.kid)
+        if not _EXPIRY.fullmatch(exp) or not _SIGNATURE.fullmatch(sig):
+            raise ApiError(403, "invalid_link", "the link is malformed")
+        keys = self._current()
+        key = keys.by_kid.get(kid or keys.active.kid)
         if key is None:
             raise ApiError(403, "invalid_link", "the link was signed with an unknown key")
         if not hmac.compare_digest(self._sign(key, method, path, int(exp)), sig):
@@ -99,14 +164,14 @@ class LinkSigner:
 
 
 def configured_keys(current: str | None, previous: str | None,
-                    previous_until: float | None, keys_dir: Path) -> list[LinkKey]:
-    """The signing keys from configuration, else from the data dir's keyring file."""
+                    previous_until: float | None, keys_dir: Path) -> list[LinkKey] | KeyringFile:
+    """The signing keys from configuration, else the data dir's keyring file."""
     if current is not None:
         keys = [LinkKey(current.encode())]
         if previous is not None:
             keys.append(LinkKey(previous.encode(), accept_until=previous_until or 0.0))
         return keys
-    return load_keyring(keys_dir)
+    return KeyringFile(keys_dir)
 
 
 def load_keyring(keys_dir: Path) -> list[LinkKey]:

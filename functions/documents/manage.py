@@ -69,12 +69,15 @@ def _json(model: Any, status: int = 200) -> Response:
 
 
 def current_link(svc: Services, doc: Document) -> tuple[str, datetime]:
-    """The stored link while it is comfortably valid, else a fresh one (stored in its place)."""
+    """The stored link while it is comfortably valid and signed as a new one would be (the
+    active key, the public URL), else a fresh one, stored in its place."""
     data_key = svc.keys.unwrap(doc.key, {"document_id": doc.id})
     expires = doc.download_url_expires
     if doc.download_url_enc and expires and expires - LINK_REFRESH_MARGIN > datetime.now(UTC):
         with suppress(SealError):
-            return unseal(data_key, doc.download_url_enc, doc.id.encode()).decode(), expires
+            stored = unseal(data_key, doc.download_url_enc, doc.id.encode()).decode()
+            if svc.links.is_current(stored):
+                return stored, expires
     link = svc.links.sign(doc.id, svc.settings.link_ttl_seconds)
     expires = datetime.fromtimestamp(link.expires, UTC)
     svc.documents.set_download_url(doc.id, seal(data_key, link.url.encode(), doc.id.encode()),

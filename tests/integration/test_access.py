@@ -174,7 +174,7 @@ def test_owner_may_delete_a_rejected_upload(run: Running, http: requests.Session
 def test_links_forged_expired_or_signed_with_a_retired_key_are_refused(
     run: Running, http: requests.Session,
 ) -> None:
-    from shared.links import LinkSigner, load_keyring, rotate_keyring
+    from shared.links import rotate_keyring
 
     doc = _stored(http, run, DRIVER, samples.pdf(samples.marker()))
     short = http.post(run.url(f"/v1/documents/{doc['id']}/link"), json={"expires_in": 1},
@@ -187,10 +187,10 @@ def test_links_forged_expired_or_signed_with_a_retired_key_are_refused(
     old_link = doc["download_url"]
     forged = old_link[: old_link.index("sig=") + 4] + "x" * 43
 
-    # rotate the signing key; with a 1 s grace the old link dies while still unexpired
-    keys_dir = run.svc.settings.keys_dir
-    rotate_keyring(keys_dir, grace_seconds=1)
-    run.svc.links = LinkSigner(load_keyring(keys_dir), run.base_url)
+    # rotate the signing key, as `docproc keys rotate-link` does from another process: the
+    # running server follows the keyring file. With a 1 s grace the old link dies while
+    # still unexpired.
+    new_key = rotate_keyring(run.svc.settings.keys_dir, grace_seconds=1)
     assert http.get(old_link, headers=DRIVER).status_code == 200  # within grace
     time.sleep(2.1)
     for link, codes in [(old_link, {"link_key_retired"}), (forged, {"invalid_link"}),
@@ -198,7 +198,12 @@ def test_links_forged_expired_or_signed_with_a_retired_key_are_refused(
         resp = http.get(link, headers=DRIVER)
         assert resp.status_code == 403, link
         assert resp.json()["error"]["code"] in codes
+    # the document's own link is signed again with the new key, not handed out dead
+    current = http.get(run.url(f"/v1/documents/{doc['id']}"), headers=DRIVER).json()
+    assert f"kid={new_key.kid}" in current["download_url"]
+    assert http.get(current["download_url"], headers=DRIVER).status_code == 200
     fresh = http.post(run.url(f"/v1/documents/{doc['id']}/link"), headers=DRIVER).json()
+    assert f"kid={new_key.kid}" in fresh["download_url"]
     assert http.get(fresh["download_url"], headers=DRIVER).status_code == 200
 
 

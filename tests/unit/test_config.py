@@ -75,6 +75,19 @@ def test_bad_values_fail_naming_the_variable(
     assert complaint in str(info.value)
 
 
+def test_a_previous_link_key_equal_to_the_current_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It would carry the previous key's retirement time to every link, new ones included.
+    monkeypatch.setenv("DOCPROC_LINK_KEY", "k" * 32)
+    monkeypatch.setenv("DOCPROC_LINK_PREVIOUS_KEY", "k" * 32)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "DOCPROC_LINK_PREVIOUS_KEY must differ from DOCPROC_LINK_KEY" in str(info.value)
+    monkeypatch.setenv("DOCPROC_LINK_PREVIOUS_KEY", "p" * 32)
+    assert load_settings().link_previous_key == "p" * 32
+
+
 def test_blank_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AMQP_URL", "")
     monkeypatch.setenv("FIREBASE_CREDENTIALS", " ")

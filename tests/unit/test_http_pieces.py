@@ -9,7 +9,7 @@ import pytest
 from shared.errors import ApiError
 from shared.filenames import clean_filename
 from shared.identity import identity_from_headers
-from shared.links import LinkKey, LinkSigner, load_keyring, rotate_keyring
+from shared.links import KeyringFile, LinkKey, LinkSigner, load_keyring, rotate_keyring
 from shared.sealed import SealError, seal, unseal
 
 
@@ -51,6 +51,66 @@ def test_links_verify_and_refuse_forgery_and_expiry() -> None:
     other = LinkSigner([LinkKey(b"t" * 32)], "https://api.test")
     with pytest.raises(ApiError):
         other.verify("GET", path, query["exp"], query["sig"], now=1000)
+
+
+def _query(url: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+
+
+def test_malformed_links_are_refused_as_invalid_not_as_errors() -> None:
+    signer = LinkSigner([LinkKey(b"s" * 32)], "https://api.test/")
+    query = _query(signer.sign("a" * 32, ttl=60, now=1000).url)
+    path = "/v1/files/" + "a" * 32
+    exp, sig = query["exp"], query["sig"]
+    for bad_exp, bad_sig in [
+        ("\u00b2", sig),                    # a digit to str.isdigit, not to int
+        ("9" * 5000, sig),                  # past int()'s limit on digits
+        ("\u0661\u0660\u0666\u0660", sig),  # 1060 in Arabic-Indic digits
+        ("0" + exp, sig),                   # the same expiry spelled another way
+        ("-1", sig), (" " + exp, sig), (exp + "\n", sig),
+        (exp, "\u00e9" * 43),                # not ASCII: hmac.compare_digest raises
+        (exp, sig + "="), (exp, sig[:-1]), (exp, sig[:-1] + "+"),
+    ]:
+        with pytest.raises(ApiError) as info:
+            signer.verify("GET", path, bad_exp, bad_sig, now=1000)
+        assert (info.value.status, info.value.code) == (403, "invalid_link"), (bad_exp, bad_sig)
+    signer.verify("GET", path, exp, sig, now=1000)
+
+
+def test_two_equal_link_keys_are_refused() -> None:
+    # The second would lend its retirement time to the first, the active one.
+    with pytest.raises(ValueError, match="must differ"):
+        LinkSigner([LinkKey(b"s" * 32), LinkKey(b"s" * 32, accept_until=0.0)], "https://a.test")
+
+
+def test_a_link_is_current_only_with_the_active_key_and_the_public_url() -> None:
+    signer = LinkSigner([LinkKey(b"s" * 32)], "https://api.test/")
+    url = signer.sign("a" * 32, ttl=60).url
+    assert signer.is_current(url)
+    rotated = LinkSigner([LinkKey(b"t" * 32), LinkKey(b"s" * 32, accept_until=2e9)],
+                         "https://api.test")
+    assert not rotated.is_current(url)
+    assert not LinkSigner([LinkKey(b"s" * 32)], "https://new.test").is_current(url)
+
+
+def test_a_running_signer_follows_a_rotation_of_the_keyring_file(
+    tmp_path: os.PathLike[str],
+) -> None:
+    from pathlib import Path
+
+    keys = Path(tmp_path) / "keys"
+    signer = LinkSigner(KeyringFile(keys), "https://api.test")
+    path = "/v1/files/" + "a" * 32
+    old = _query(signer.sign("a" * 32, ttl=3600, now=1000).url)
+    # `docproc keys rotate-link`, in another process: this signer is not rebuilt
+    new_key = rotate_keyring(keys, grace_seconds=600, now=1000)
+    fresh = _query(signer.sign("a" * 32, ttl=3600, now=1000).url)
+    assert fresh["kid"] == new_key.kid != old["kid"]
+    signer.verify("GET", path, fresh["exp"], fresh["sig"], fresh["kid"], now=1500)
+    signer.verify("GET", path, old["exp"], old["sig"], old["kid"], now=1500)  # in the grace
+    with pytest.raises(ApiError) as info:
+        signer.verify("GET", path, old["exp"], old["sig"], old["kid"], now=1700)
+    assert info.value.code == "link_key_retired"
 
 
 def test_a_link_lives_at_least_the_time_asked_for() -> None:
