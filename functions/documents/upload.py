@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from pymongo.errors import ServerSelectionTimeoutError
 from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.parser import ParseFailedException
 from streaming_form_data.targets import BaseTarget, ValueTarget
@@ -220,23 +221,52 @@ def upload(svc: Services, request: Request) -> Response:
     )
     try:
         _record_and_announce(svc, doc)
-    except DuplicateIdempotencyKey as dup:
-        # A concurrent retry of the same upload won the race; ours leaves no trace.
+    except (DuplicateIdempotencyKey, DuplicateContent) as dup:
+        if dup.existing.id == doc_id:
+            # Our own record, written by an attempt whose answer was lost: it stands.
+            return _accepted_new(doc)
+        # A concurrent retry of the same upload won the race (Idempotency-Key), or the same
+        # bytes from the same driver (a retry without the key, a double tap, two at once):
+        # the existing document is the answer, not a second copy; ours leaves no trace.
         svc.blobs.delete(Area.STAGING, doc_id)
-        return accepted(dup.existing)
-    except DuplicateContent as dup:
-        # The same bytes from the same driver (a retry without Idempotency-Key, a double
-        # tap, two at once included): the existing document is the answer, not a second copy.
-        svc.blobs.delete(Area.STAGING, doc_id)
+        if isinstance(dup, DuplicateIdempotencyKey):
+            return accepted(dup.existing)
         UPLOADS.labels("duplicate").inc()
         return accepted(dup.existing, status=200)
-    except BaseException:
-        svc.blobs.delete(Area.STAGING, doc_id)
+    except BaseException as exc:
+        recorded = _recorded(svc, doc_id, exc)
+        if recorded:
+            # The record went in and only what came after failed (the database's answer
+            # lost on the way, say): the document is accepted, and the outbox relay
+            # publishes its event. Deleting the object now would strand the record.
+            log.warning("document %s was recorded although the upload failed after: %s",
+                        doc_id, exc)
+            return _accepted_new(doc)
+        if recorded is False:
+            svc.blobs.delete(Area.STAGING, doc_id)
+        # Unknown (the database cannot say): the object stays, at worst unreferenced.
         raise
+    return _accepted_new(doc)
+
+
+def _recorded(svc: Services, doc_id: str, error: BaseException) -> bool | None:
+    """Whether an upload whose recording raised ``error`` has its record after all; None
+    when that cannot be known."""
+    if isinstance(error, ServerSelectionTimeoutError):
+        return False  # no server was reached: nothing was written
+    if not isinstance(error, Exception):
+        return None  # the worker is being stopped: no time to ask
+    try:
+        return svc.documents.get(doc_id) is not None
+    except Exception:
+        return None
+
+
+def _accepted_new(doc: Document) -> Response:
     UPLOADS.labels("accepted").inc()
     UPLOAD_BYTES.inc(doc.size)
-    with log_context(document_id=doc_id):
-        log.info("accepted document %s (%d bytes) from %s", doc_id, doc.size, ident.user_id)
+    with log_context(document_id=doc.id):
+        log.info("accepted document %s (%d bytes) from %s", doc.id, doc.size, doc.owner)
     return accepted(doc)
 
 

@@ -256,6 +256,36 @@ def test_database_down_at_upload_is_503_and_keeps_nothing(
     _nothing_kept(small)
 
 
+@pytest.mark.parametrize("write_twice", [False, True])
+def test_an_upload_recorded_despite_a_failed_write_keeps_its_object(
+    running: Running, http: requests.Session, write_twice: bool,
+) -> None:
+    """The insert reaches the database but its answer does not (a connection lost on the
+    way back), or is sent again and meets its own record: the upload is accepted and its
+    staged object stays, for the outbox relay's event and storage to find."""
+    from pymongo.errors import AutoReconnect
+
+    repo = running.svc.documents
+    real_insert = repo.insert
+
+    def answer_lost(doc: Any, event: Any = None) -> None:
+        real_insert(doc, event)
+        if write_twice:
+            real_insert(doc, event)  # meets its own record: DuplicateContent
+        raise AutoReconnect("connection closed before the reply")
+
+    repo.insert = answer_lost
+    try:
+        resp = upload(http, running.base_url, samples.pdf(samples.marker()), "application/pdf")
+    finally:
+        del repo.insert
+    assert resp.status_code == 202, resp.text
+    # the outbox relay publishes the event the failed request never sent
+    doc = settled(http, running.base_url, resp.json()["id"])
+    assert doc["status"] == "stored"
+    assert http.get(doc["download_url"], headers=DRIVER).status_code == 200
+
+
 def test_upload_cut_short_keeps_nothing(small: Running) -> None:
     import socket
 
