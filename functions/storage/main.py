@@ -79,13 +79,13 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
     try:
         finished = svc.documents.finish_many([decided.outcome for _, decided in pending])
     except Exception as exc:
-        # What the write did is unknown: every one of them is retried, and a redelivery
-        # announces whatever outcome was recorded.
+        # What the write did is unknown: every one of them is retried, with this error as
+        # its reason, and a redelivery announces whatever outcome was recorded.
         for i, _ in pending:
             outcomes[i] = exc
-        finished = []
-    for (i, decided), done in zip(pending, finished, strict=True):
-        batch.attempt(i, "storage", functools.partial(_conclude, svc, decided, done))
+    else:
+        for (i, decided), done in zip(pending, finished, strict=True):
+            batch.attempt(i, "storage", functools.partial(_conclude, svc, decided, done))
     return handle_repeats(batch, lambda event: handle(svc, event), "storage")
 
 

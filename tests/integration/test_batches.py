@@ -288,3 +288,34 @@ def test_storage_and_notification_batches_share_their_round_trips(
         assert delivery is not None
         assert delivery["state"] == "completed"
         assert [s["device"] for s in delivery["sent"]] == [device_key("phone-batch")]
+
+
+def test_a_batch_whose_outcomes_cannot_be_written_retries_each_with_the_real_reason(
+    idle: Running, http: requests.Session,
+) -> None:
+    from pymongo.errors import AutoReconnect
+
+    ids = [upload(http, idle.base_url, samples.pdf(samples.marker()), "application/pdf")
+           .json()["id"] for _ in range(2)]
+    uploaded = _take(idle.svc.settings, "storage", 2)
+    wrong = CloudEvent({"type": DOCUMENT_STORED, "source": "/tests", "id": "wrong-3",
+                        "subject": ids[0], "specversion": "1.0"}, uploaded[0].get_data())
+    repo = idle.svc.documents
+
+    def unreachable(outcomes: Any) -> Any:
+        raise AutoReconnect("the database went away")
+
+    repo.finish_many = unreachable
+    try:
+        outcomes = store_batch(idle.svc, [uploaded[0], wrong, uploaded[1]])
+    finally:
+        del repo.finish_many
+    # Each event keeps its own reason: the database's for the two to retry, and the
+    # malformed one is still dead-lettered as malformed.
+    assert [type(o).__name__ for o in outcomes] == [
+        "AutoReconnect", MalformedEvent.__name__, "AutoReconnect"]
+    assert "the database went away" in str(outcomes[0])
+    assert [repo.col.find_one({"_id": d})["status"] for d in ids] == ["processing"] * 2
+    # retried, they are stored
+    assert store_batch(idle.svc, [uploaded[0], uploaded[1]]) == [None, None]
+    assert [repo.col.find_one({"_id": d})["status"] for d in ids] == ["stored"] * 2
