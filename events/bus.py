@@ -11,6 +11,7 @@ once on publish; otherwise they poll, which also picks up retries that have come
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent, from_json
 from pymongo import ASCENDING
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
 from events.cloudevent import handling
 from events.publisher import PublishError
@@ -215,11 +217,14 @@ class InProcessBus:
         log.warning("%s: handler failed (attempt %d): %s", name, attempt, describe(exc))
         if delay is None:
             DEAD_LETTERS.labels(name).inc()
-            self.dead.insert_one({
-                "_id": message["_id"], "fn": name, "event": message["event"],
-                "event_id": message.get("event_id"), "reason": describe(exc),
-                "attempts": attempt, "at": _now(),
-            })
+            # A duplicate: an earlier go recorded it and stopped before taking it off the
+            # queue. The dead letter stands, and only that step is left to do.
+            with contextlib.suppress(DuplicateKeyError):
+                self.dead.insert_one({
+                    "_id": message["_id"], "fn": name, "event": message["event"],
+                    "event_id": message.get("event_id"), "reason": describe(exc),
+                    "attempts": attempt, "at": _now(),
+                })
             self.queue.delete_one({"_id": message["_id"]})
             log.error("%s: dead-lettered event %s after %d attempt(s): %s", name,
                       message.get("event_id"), attempt, describe(exc))

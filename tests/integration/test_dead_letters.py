@@ -317,3 +317,41 @@ def test_a_bus_worker_outlives_a_failed_ack(bus_db: Any, monkeypatch: pytest.Mon
         bus.stop()
     # The first event was handled again after its ack failed (handlers are idempotent).
     assert handled == [str(first["id"]), str(first["id"]), str(second["id"])]
+
+
+def test_a_dead_lettering_cut_short_is_finished_not_repeated(
+    bus_db: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dead letter is written but the queue refuses to let the message go (or the
+    process dies in between): the next go finds the dead letter and only takes the message
+    off the queue, instead of failing on the dead letter's id for ever."""
+    monkeypatch.setattr("events.bus.POLL_SECONDS", 0.05)
+    bus = InProcessBus(RetryPolicy(()), bus_db, concurrency=1, exclusive=True)
+    calls: list[str] = []
+
+    def failing(event: CloudEvent) -> None:
+        calls.append(str(event["id"]))
+        raise RuntimeError("unreadable")
+
+    bus.subscribe(Subscription("storage", failing))
+    real_delete = bus.queue.delete_one
+    refusals = [RuntimeError("write refused")]
+
+    def delete_one(*args: Any, **kwargs: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(bus.queue, "delete_one", delete_one)
+    event = _event()
+    bus.start()
+    try:
+        bus.publish(event)
+        wait_for(lambda: not refusals, timeout=10, what="the refused removal")
+        assert bus.wait_idle(10)
+    finally:
+        bus.stop()
+    assert calls == [str(event["id"])] * 2  # the second go finished what the first began
+    [dead] = bus.dead_letters("storage")
+    assert dead["reason"] == "RuntimeError: unreadable"
+    assert bus.queue.count_documents({}) == 0
