@@ -65,6 +65,10 @@ DEFAULT_FCM_ENDPOINT = "https://fcm.googleapis.com"
 # fan-out bounded.
 _SEND_BATCH = 100
 _HTTP_TIMEOUT_SECONDS = 30.0
+# The longest a send of up to _SEND_BATCH messages takes to answer or give up: one request
+# timing out and its one read retry (the status retries follow quick answers, the backoff
+# sleeps under a second), the messages of a batch going out side by side.
+_FCM_SEND_WORST_SECONDS = 2 * _HTTP_TIMEOUT_SECONDS + 5.0
 _POOL_SIZE = 100  # same pool size firebase-admin mounts for fcm.googleapis.com
 
 
@@ -88,6 +92,12 @@ class PushResult:
 
 
 class PushSender(Protocol):
+    @property
+    def worst_case_seconds(self) -> float:
+        """The longest one ``send`` of a user's messages takes to answer or give up (a
+        delivery's lease must outlast it)."""
+        ...
+
     def send(self, messages: Sequence[PushMessage]) -> list[PushResult]:
         """Send ``messages``; one result per message, in the same order."""
         ...
@@ -248,6 +258,10 @@ class FcmSender:
     def app_name(self) -> str:
         return self._app_name
 
+    @property
+    def worst_case_seconds(self) -> float:
+        return _FCM_SEND_WORST_SECONDS
+
     def _configure_messaging_service(self) -> None:
         # The service is created lazily and cached per App; later
         # ``messaging.send_each(..., app=self._app)`` calls reuse this very instance.
@@ -346,6 +360,10 @@ class OutboxSender:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def worst_case_seconds(self) -> float:
+        return 5.0  # a lock, a write and an fsync of a local file
 
     def send(self, messages: Sequence[PushMessage]) -> list[PushResult]:
         if not messages:

@@ -30,9 +30,14 @@ from shared.push import PushMessage, PushResult
 
 log = logging.getLogger(__name__)
 
-# Longer than one FCM round trip to every device of a user, short enough that a crashed
-# worker's claim is soon taken over by a redelivery.
-LEASE_SECONDS = 60.0
+# A claim's lease is the sender's worst case for one send plus this: a batch's later events
+# start their sends on the lease taken with the batch's claims unless that much of it has
+# gone by (then it is renewed first), and a crashed worker's claim is taken over soon after.
+LEASE_MARGIN_SECONDS = 30.0
+
+
+def lease_seconds(svc: Services) -> float:
+    return svc.push.worst_case_seconds + LEASE_MARGIN_SECONDS
 
 
 class PushNotDelivered(Exception):
@@ -46,13 +51,13 @@ class PushNotDelivered(Exception):
 
 def handle(svc: Services, event: CloudEvent) -> None:
     key, data = _parse(event)
-    delivery = svc.deliveries.claim(key, data.document_id, data.owner, LEASE_SECONDS)
+    delivery = svc.deliveries.claim(key, data.document_id, data.owner, lease_seconds(svc))
     completion = _attempt(svc, key, data, delivery)
     if completion is not None:
         try:
             svc.deliveries.complete(*completion)
         except BaseException as exc:
-            svc.deliveries.release(key, describe(exc))
+            svc.deliveries.release(key, describe(exc), delivery.holder)
             raise
 
 
@@ -63,12 +68,14 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
     outcomes = batch.outcomes
     claims = svc.deliveries.claim_many(
         [(key, data.document_id, data.owner) for key, (_, data) in batch.first.items()],
-        LEASE_SECONDS)
+        lease_seconds(svc))
     completions: list[tuple[int, Completion]] = []
+    holders: dict[str, str | None] = {}
     for (key, (i, data)), claim in zip(batch.first.items(), claims, strict=True):
         if isinstance(claim, Exception):
             outcomes[i] = claim
             continue
+        holders[key] = claim.holder
         completion = batch.attempt(i, "notification",
                                    functools.partial(_attempt, svc, key, data, claim))
         if completion is not None:
@@ -80,7 +87,7 @@ def handle_batch(svc: Services, events: Sequence[CloudEvent]) -> list[BaseExcept
         for i, (key, _, _) in completions:
             outcomes[i] = exc
             try:
-                svc.deliveries.release(key, describe(exc))
+                svc.deliveries.release(key, describe(exc), holders[key])
             except Exception as also:  # the lease runs out by itself
                 log.warning("could not release delivery %s: %s", key, describe(also))
     return handle_repeats(batch, lambda event: handle(svc, event), "notification")
@@ -103,7 +110,7 @@ def _attempt(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     try:
         return _deliver(svc, key, data, delivery)
     except BaseException as exc:
-        svc.deliveries.release(key, describe(exc))
+        svc.deliveries.release(key, describe(exc), delivery.holder)
         raise
 
 
@@ -113,6 +120,10 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     tokens = [d.token for d in user.devices] if user and user.status == "active" else []
     messages = [_message(token, data) for token in tokens if delivery.owes(token)]
     already = len(tokens) - len(messages)
+    if messages:
+        # The batch's claims were taken together; this send must not outlive its lease, or
+        # a redelivery could take the delivery over and send beside it.
+        svc.deliveries.hold(delivery, lease_seconds(svc), svc.push.worst_case_seconds)
     results = svc.push.send(messages) if messages else []
     sent: list[tuple[str, str | None]] = []
     unregistered: list[str] = []

@@ -319,3 +319,25 @@ def test_a_batch_whose_outcomes_cannot_be_written_retries_each_with_the_real_rea
     # retried, they are stored
     assert store_batch(idle.svc, [uploaded[0], uploaded[1]]) == [None, None]
     assert [repo.col.find_one({"_id": d})["status"] for d in ids] == ["stored"] * 2
+
+
+def test_a_batch_renews_a_lease_that_would_not_outlast_its_send(
+    idle: Running, http: requests.Session, fcm: FcmStub, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claims of a batch are taken together and its sends go one after another: an
+    event whose lease has less left than a send may take is renewed before it sends."""
+    import functions.notification.main as notification
+
+    register_device(http, idle.base_url, "phone-lease")
+    ids = [upload(http, idle.base_url, samples.pdf(samples.marker()), "application/pdf")
+           .json()["id"] for _ in range(2)]
+    assert store_batch(idle.svc, _take(idle.svc.settings, "storage", 2)) == [None, None]
+    stored = _take(idle.svc.settings, "notification", 2)
+    # Leases a little shorter than a send's worst case: every send must renew first.
+    monkeypatch.setattr(notification, "LEASE_MARGIN_SECONDS", -1.0)
+    updates = Commands("update", "deliveries")
+    with _counted(idle, updates):
+        assert notify_batch(idle.svc, stored) == [None, None]
+    assert updates.count == 2 + 1  # a renewal per send, then the completions together
+    pushes = fcm.messages_for("phone-lease")
+    assert sorted(p["data"]["document_id"] for p in pushes) == sorted(ids)

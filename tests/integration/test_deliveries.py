@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
+from events.subscriptions import RetryPolicy
 from shared.deliveries import (
     COMPLETED,
     RELEASED,
@@ -162,3 +164,49 @@ def test_of_concurrent_claims_exactly_one_wins(repo: DeliveryRepository) -> None
     assert sorted(wins) == sorted(keys)  # each key won once...
     assert len(refused) == 3 * len(keys)  # ...and refused to the three others
     assert all(repo.get(key)["attempts"] == 1 for key in keys)  # type: ignore[index]
+
+
+def test_a_refused_claim_says_when_the_lease_ends(repo: DeliveryRepository) -> None:
+    """A redelivery that finds the delivery leased is retried no sooner than the lease
+    ends, so a crashed holder's lease runs out before the event's retries do."""
+    key = unique("doc-") + ".stored"
+    repo.claim(key, "doc-1", "driver-1", LEASE)
+    with pytest.raises(DeliveryInProgress) as info:
+        repo.claim(key, "doc-1", "driver-1", LEASE)
+    assert info.value.retry_after is not None
+    assert LEASE - 5 < info.value.retry_after <= LEASE
+    assert RetryPolicy((1.0, 5.0)).delay_after(1, info.value) == info.value.retry_after
+
+
+def test_a_lease_is_renewed_before_a_send_it_would_not_outlast(
+    repo: DeliveryRepository, commands: _Listeners,
+) -> None:
+    key = unique("doc-") + ".stored"
+    delivery = repo.claim(key, "doc-1", "driver-1", lease=10.0)
+    repo.hold(delivery, lease=10.0, needed=5.0)  # enough left: nothing written
+    assert commands.updates.count == 0
+    repo.hold(delivery, lease=60.0, needed=30.0)  # not enough: renewed
+    assert commands.updates.count == 1
+    record = repo.get(key)
+    assert record is not None
+    assert record["lease_until"] - record["created_at"] > timedelta(seconds=55)
+    with pytest.raises(DeliveryInProgress):
+        repo.claim(key, "doc-1", "driver-1", LEASE)
+
+
+def test_a_lapsed_holder_neither_renews_nor_releases_the_new_holders_lease(
+    repo: DeliveryRepository,
+) -> None:
+    """A worker whose claim ran out (a slow batch, a stalled process) while another took
+    the delivery over must not send beside it, nor free its lease when it gives up."""
+    key = unique("doc-") + ".stored"
+    first = repo.claim(key, "doc-1", "driver-1", lease=-1.0)  # ran out
+    second = repo.claim(key, "doc-1", "driver-1", LEASE)  # taken over
+    assert second.holder != first.holder
+    with pytest.raises(DeliveryInProgress):
+        repo.hold(first, lease=LEASE, needed=30.0)  # so the first sends nothing
+    repo.release(key, "gave up", first.holder)
+    with pytest.raises(DeliveryInProgress):
+        repo.claim(key, "doc-1", "driver-1", LEASE)  # still the second's
+    repo.release(key, "FCM asked to come back later", second.holder)
+    assert not repo.claim(key, "doc-1", "driver-1", LEASE).completed
