@@ -60,6 +60,9 @@ class _Inbox:
     waiting: deque[_Message] = field(default_factory=deque)
     takers: int = 0  # threads taking from it; at most the runner's concurrency
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set when its connection is gone: what waits can no longer be acked, and the broker
+    # hands it out again (perhaps at once, to another worker), so nothing more is taken.
+    closed: bool = False
 
 
 class RabbitRunner:
@@ -126,7 +129,10 @@ class RabbitRunner:
                 conn.process_data_events(time_limit=None)
         finally:
             self.ready.clear()
-            # Unacked messages go back to the queue when the connection closes.
+            # Unacked messages go back to the queue when the connection closes: the handler
+            # threads finish what they hold and take nothing more.
+            with self._inbox.lock:
+                self._inbox.closed = True
             pool.shutdown(wait=True, cancel_futures=True)
             if conn.is_open:
                 with contextlib.suppress(AMQPError):
@@ -157,9 +163,10 @@ class RabbitRunner:
         """Handle what is waiting, up to a batch at a time, until nothing is."""
         while True:
             with inbox.lock:
-                # Once stopping, what still waits is left unacked: the broker hands it out
-                # again when the connection closes, rather than shutdown waiting for it.
-                if not inbox.waiting or self._stop.is_set():
+                # Once stopping, or once the connection is gone, what still waits is left
+                # unacked: the broker hands it out again, rather than this thread handling
+                # it beside the worker that gets it next.
+                if not inbox.waiting or inbox.closed or self._stop.is_set():
                     inbox.takers -= 1
                     return
                 count = min(self.batch_size, len(inbox.waiting))

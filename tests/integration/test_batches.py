@@ -6,8 +6,9 @@ does (stored once, pushed once, a failure retried alone)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pika
@@ -341,3 +342,118 @@ def test_a_batch_renews_a_lease_that_would_not_outlast_its_send(
     assert updates.count == 2 + 1  # a renewal per send, then the completions together
     pushes = fcm.messages_for("phone-lease")
     assert sorted(p["data"]["document_id"] for p in pushes) == sorted(ids)
+
+
+class _Cuttable:
+    """A TCP relay on loopback to the broker whose connections can be cut, as a network
+    failure would: the runner behind it loses its connection and makes a new one."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import socket
+
+        self._upstream = upstream
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            with self._lock:
+                self._pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with suppress(OSError):
+                    sock.close()
+
+    def cut(self) -> None:
+        import socket
+
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+def test_what_waits_on_a_lost_connection_is_left_to_the_broker(
+    service_settings: Callable[..., Settings],
+) -> None:
+    """Events delivered on a connection that is then lost are handed out again by the
+    broker: the handler threads finish what they hold and take none of the rest, which
+    would otherwise be handled twice at once (here, and by whoever gets it next)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    settings = service_settings()
+    broker = urlsplit(settings.amqp_url or "")
+    relay = _Cuttable((broker.hostname or "127.0.0.1", broker.port or 5672))
+    via_relay = urlunsplit(broker._replace(
+        netloc=f"{broker.username}:{broker.password}@127.0.0.1:{relay.port}"))
+    gate = threading.Event()
+    lock = threading.Lock()
+    handled: list[str] = []
+
+    def one(event: CloudEvent) -> None:
+        if not gate.is_set():
+            gate.wait(10)  # held while the rest waits and the connection goes
+        with lock:
+            handled.append(str(event["id"]))
+
+    def many(events: Sequence[CloudEvent]) -> list[BaseException | None]:
+        with lock:
+            handled.extend(str(e["id"]) for e in events)
+        return [None] * len(events)
+
+    runner = RabbitRunner(via_relay, settings.amqp_prefix, Subscription("storage", one, many),
+                          RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
+                              settings.retry_delays)
+    try:
+        assert runner.ready.wait(10)
+        events = [_uploaded(new_document_id()) for _ in range(4)]
+        ids = [str(e["id"]) for e in events]
+        publisher.publish(events[0])
+        wait_for(lambda: runner.waiting() == 0 or None, what="the first event to be taken")
+        for event in events[1:]:
+            publisher.publish(event)
+        wait_for(lambda: runner.waiting() >= 3 or None, what="the rest to wait")
+        relay.cut()
+        time.sleep(0.5)  # the connection's loss is seen
+        gate.set()
+        wait_for(lambda: sorted(set(handled)) == sorted(ids) or None, timeout=20,
+                 what="every event after the reconnection")
+        time.sleep(0.5)
+        # The one in hand was handled, and again once redelivered; the three that waited,
+        # once each, after the reconnection.
+        assert sorted(handled) == sorted([ids[0], *ids])
+    finally:
+        gate.set()
+        publisher.close()
+        runner.stop()
+        thread.join(10)
+        relay.close()
