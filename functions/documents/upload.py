@@ -10,6 +10,7 @@ from pymongo.errors import ServerSelectionTimeoutError
 from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.parser import ParseFailedException
 from streaming_form_data.targets import BaseTarget, ValueTarget
+from streaming_form_data.validators import MaxSizeValidator, ValidationError
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wrappers import Request, Response
 
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024
 MAX_IDEMPOTENCY_KEY = 255
+# What a multipart body may carry beyond the document: delimiters, part headers, the kind.
+MULTIPART_FRAMING = 64 * 1024
 
 
 class _TooLarge(Exception):
@@ -70,12 +73,19 @@ class _FilePart(BaseTarget):  # type: ignore[misc]
         self.sink = sink
         self.allowed = allowed
         self.seen = False
+        # The parser holds a part's last bytes back until it knows they are not the next
+        # delimiter, and says nothing when the body ends without one: only a part that
+        # finished arrived whole.
+        self.finished = False
         self.media_type: str | None = None
 
     def on_start(self) -> None:
         if self.seen:
             raise bad_request("send exactly one `file` part")
         self.seen = True
+
+    def on_finish(self) -> None:
+        self.finished = True
 
     def check_type(self) -> str:
         # The parser learns the part's Content-Type after on_start, so check on first data.
@@ -87,6 +97,20 @@ class _FilePart(BaseTarget):  # type: ignore[misc]
     def on_data_received(self, chunk: bytes) -> None:
         self.check_type()
         self.sink.write(chunk)
+
+
+class _KindField(ValueTarget):  # type: ignore[misc]
+    """The multipart `kind` field, kept in memory, so no longer than a kind can be."""
+
+    def __init__(self) -> None:
+        super().__init__(validator=MaxSizeValidator(max(map(len, KINDS))))
+        self.started = self.finished = False
+
+    def on_start(self) -> None:
+        self.started = True
+
+    def on_finish(self) -> None:
+        self.finished = True
 
 
 def _too_large(limit: int) -> ApiError:
@@ -104,15 +128,19 @@ def _check_type(media_type: str, allowed: tuple[str, ...]) -> str:
 
 def _check_kind(kind: str | None) -> str | None:
     if kind is not None and kind not in KINDS:
-        raise bad_request(f"document kind must be one of {', '.join(KINDS)}",
-                          code="invalid_kind")
+        raise _invalid_kind()
     return kind
 
 
-def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
+def _invalid_kind() -> ApiError:
+    return bad_request(f"document kind must be one of {', '.join(KINDS)}", code="invalid_kind")
+
+
+def _pump(request: Request, consume: Callable[[bytes], None], limit: int) -> None:
     """Feed a multipart body to its parser piece by piece, each a new ``bytes`` object (the
     parser and a hash on another thread may keep them); a body cut short is the client's
-    error."""
+    error, and one longer than ``limit`` with its framing (a chunked body carrying parts
+    nobody reads, say) is refused as too large."""
     read = body_reader(request).read
     received = 0
     while True:
@@ -123,6 +151,8 @@ def _pump(request: Request, consume: Callable[[bytes], None]) -> None:
         if not chunk:
             break
         received += len(chunk)
+        if received > limit + MULTIPART_FRAMING:
+            raise _TooLarge
         consume(chunk)
     _check_complete(request, received)
 
@@ -187,13 +217,16 @@ def upload(svc: Services, request: Request) -> Response:
             received_sha256 = ""
             if multipart:
                 part = _FilePart(sink, settings.allowed_types)
-                kind_field = ValueTarget()
+                kind_field = _KindField()
                 parser = StreamingFormDataParser(headers={"Content-Type": request.content_type})
                 parser.register("file", part)
                 parser.register("kind", kind_field)
-                _pump(request, parser.data_received)
+                _pump(request, parser.data_received, settings.max_upload_bytes)
                 if not part.seen:
                     raise bad_request("multipart upload without a `file` part")
+                if not part.finished or (kind_field.started and not kind_field.finished):
+                    raise bad_request("the multipart body ends before its closing delimiter",
+                                      code="incomplete_body")
                 declared = part.check_type()
                 filename = part.multipart_filename
                 if kind_field.value:
@@ -206,6 +239,8 @@ def upload(svc: Services, request: Request) -> Response:
             sha256 = writer.sha256_hex() if multipart else received_sha256
     except _TooLarge:
         raise _too_large(settings.max_upload_bytes) from None
+    except ValidationError:  # a `kind` longer than any kind
+        raise _invalid_kind() from None
     except (ParseFailedException, ValueError) as exc:  # the multipart parser's complaints
         raise bad_request(f"malformed multipart body: {exc}",
                           code="malformed_multipart") from None

@@ -124,6 +124,47 @@ def test_bad_multipart_uploads_are_refused(small: Running, http: requests.Sessio
     _nothing_kept(small)
 
 
+def test_a_multipart_body_cut_before_its_closing_delimiter_is_refused(
+    small: Running, http: requests.Session,
+) -> None:
+    """The parser keeps a part's last bytes until it knows they are not a delimiter, and
+    says nothing when the body simply ends: without the closing delimiter the document
+    would be recorded short of its tail, with the hash of what was kept."""
+    body = samples.pdf(samples.marker())
+    head = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.pdf\"\r\n"
+            b"Content-Type: application/pdf\r\n\r\n")
+    for cut in (head + body, head + body + b"\r\n--B",
+                head + body + b"\r\n--B\r\nContent-Disposition: form-data; name=\"kind\""
+                b"\r\n\r\nphoto"):
+        resp = http.post(small.url("/v1/documents"), data=cut, timeout=10, headers={
+            **DRIVER, "Content-Type": "multipart/form-data; boundary=B"})
+        _error(resp, 400, "incomplete_body")
+    _nothing_kept(small)
+    whole = head + body + b"\r\n--B--\r\n"
+    resp = http.post(small.url("/v1/documents"), data=whole, timeout=10, headers={
+        **DRIVER, "Content-Type": "multipart/form-data; boundary=B"})
+    assert resp.status_code == 202, resp.text
+    assert settled(http, small.base_url, resp.json()["id"])["size"] == len(body)
+
+
+def test_a_multipart_body_is_limited_as_a_whole(small: Running, http: requests.Session) -> None:
+    """Parts nobody reads are not the document, but they are still body: sent chunked,
+    with no Content-Length to refuse early, they stop at the limit and its framing."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b"--B\r\nContent-Disposition: form-data; name=\"padding\"\r\n\r\n"
+        for _ in range(3 * LIMIT // 4096):
+            yield b"p" * 4096
+        yield (b"\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; "
+               b"filename=\"a.pdf\"\r\nContent-Type: application/pdf\r\n\r\n")
+        yield samples.pdf(samples.marker()) + b"\r\n--B--\r\n"
+
+    resp = http.post(small.url("/v1/documents"), data=chunks(), timeout=30, headers={
+        **DRIVER, "Content-Type": "multipart/form-data; boundary=B"})
+    _error(resp, 413, "too_large")
+    _nothing_kept(small)
+
+
 def test_idempotency_key_returns_the_first_document(small: Running, http: requests.Session) -> None:
     body = samples.pdf()
     key = {"Idempotency-Key": "upload-42"}
