@@ -101,7 +101,7 @@ class BlobStore:
         try:
             fd = os.open(tmp, flags, 0o600)
         except FileNotFoundError:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            make_dirs(directory)
             fd = os.open(tmp, flags, 0o600)
         try:
             # A 1 MiB buffer turns 64 KiB envelope chunks into fewer, larger writes over NFS.
@@ -136,7 +136,7 @@ class BlobStore:
                 return
             if not os.path.isfile(src):
                 raise
-            os.makedirs(directory, mode=0o700, exist_ok=True)  # the first in its directory
+            make_dirs(directory)  # the first in its directory
             os.replace(src, dst)
         fsync_dir(directory)
 
@@ -161,6 +161,19 @@ def release_pages(f: BinaryIO) -> None:
     object from the filesystem again (on EFS: from the server), hours later anyway.
     """
     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def make_dirs(directory: str) -> None:
+    """``os.makedirs``, with each directory it makes recorded durably in its parent: the
+    fsync of the object's own directory does not cover the entries above it, and a crash
+    could otherwise take a new prefix directory, and the accepted object in it, away."""
+    parent = os.path.dirname(directory)
+    if not os.path.isdir(parent):
+        make_dirs(parent)
+    # Made by another writer just now is no proof it is recorded yet: fsync either way.
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    fsync_dir(parent)
 
 
 def fsync_dir(directory: str | Path) -> None:

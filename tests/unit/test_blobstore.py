@@ -94,6 +94,35 @@ def test_objects_go_where_their_directories_are_made_when_missing(tmp_path: Path
         store.path(Area.OBJECTS, "../../etc/passwd")
 
 
+def test_a_new_prefix_directory_is_recorded_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fsync of the object's own directory does not make the directories above it
+    durable: each one made is fsynced into its parent before the object counts as kept."""
+    synced: list[str] = []
+    real = blobstore.fsync_dir
+
+    def record(directory: str | Path) -> None:
+        synced.append(os.path.relpath(directory, tmp_path))
+        real(directory)
+
+    monkeypatch.setattr(blobstore, "fsync_dir", record)
+    store = BlobStore(tmp_path)
+    doc_id = new_document_id()
+    with store.writer(Area.STAGING, doc_id) as out:
+        out.write(b"x")
+    aa, bb = doc_id[:2], doc_id[2:4]
+    assert synced == ["staging", f"staging/{aa}", f"staging/{aa}/{bb}"]
+    synced.clear()
+    store.promote(doc_id)
+    assert synced == ["objects", f"objects/{aa}", f"objects/{aa}/{bb}"]
+    synced.clear()
+    other = aa + bb + new_document_id()[4:]  # the same prefix: nothing new to record
+    with store.writer(Area.STAGING, other) as out:
+        out.write(b"y")
+    assert synced == [f"staging/{aa}/{bb}"]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range(2) is Linux's")
 def test_linux_writeback_is_the_real_system_call(tmp_path: Path) -> None:
     assert blobstore._start_writeback is not None
