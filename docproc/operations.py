@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,13 +69,17 @@ class RabbitDeadLetters:
         self.prefix = prefix
 
     def _browse(self, fn: str) -> Iterator[tuple[Any, Any, pika.BasicProperties, bytes]]:
+        """The letters in the queue when the browse starts, each once: a letter replayed
+        now that fails again comes back behind them, to be replayed (or not) another time,
+        not over and over within this one."""
         conn = pika.BlockingConnection(pika.URLParameters(self.url))
         try:
             chan = conn.channel()
             chan.confirm_delivery()
-            while True:
-                method, props, body = chan.basic_get(
-                    topology.dead_letter_queue(self.prefix, fn), auto_ack=False)
+            name = topology.dead_letter_queue(self.prefix, fn)
+            present = chan.queue_declare(name, passive=True).method.message_count
+            for _ in range(present):
+                method, props, body = chan.basic_get(name, auto_ack=False)
                 if method is None:
                     break
                 yield chan, method, props, body
@@ -145,7 +150,9 @@ class EmbeddedDeadLetters:
         done = 0
         for row in self._find(fn, ids):
             now = datetime.now(UTC)
-            self.queue.insert_one({"_id": row["_id"], "fn": fn, "event": row["event"],
+            # Queued under a new id: if it fails again before its old letter is removed,
+            # its new letter must not collide with (and be taken for) the old one.
+            self.queue.insert_one({"_id": uuid.uuid4().hex, "fn": fn, "event": row["event"],
                                    "attempt": 1, "due_at": now, "lease_until": None,
                                    "event_id": row.get("event_id"), "created_at": now})
             self.dead.delete_one({"_id": row["_id"]})

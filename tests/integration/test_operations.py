@@ -90,6 +90,40 @@ def test_dead_letters_are_listed_with_reason_and_replayed_after_a_fix(
     assert store.list("storage") == []
 
 
+def test_replaying_letters_that_fail_again_replays_each_once_and_loses_none(
+    run: Running, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replayed letter that fails at once comes back as a letter while the replay is
+    still going: it is not replayed again within that replay, and its new letter is not
+    taken for its old one (and removed with it)."""
+    from cloudevents.http import CloudEvent
+
+    from events.catalog import DOCUMENT_UPLOADED
+
+    svc = run.svc
+    store = dead_letters(svc)
+    ids = []
+    for n in range(20):  # data that can never validate: dead-lettered at once, every time
+        event = CloudEvent({"id": f"again-{n}-{svc.settings.amqp_prefix}", "source": "/t",
+                            "type": DOCUMENT_UPLOADED}, {"document_id": n})
+        svc.publish(event)
+        ids.append(str(event["id"]))
+    wait_for(lambda: len(store.list("storage")) == 20 or None, what="twenty dead letters")
+    if not svc.settings.amqp_url:
+        # The embedded bus: let each replayed event fail again before its old letter goes.
+        real_delete = store.dead.delete_one  # type: ignore[attr-defined]
+        queue = store.queue  # type: ignore[attr-defined]
+
+        def after_the_next_failure(flt: Any) -> Any:
+            wait_for(lambda: queue.count_documents({}) == 0 or None, what="the failure")
+            return real_delete(flt)
+
+        monkeypatch.setattr(store.dead, "delete_one", after_the_next_failure)  # type: ignore[attr-defined]
+    assert store.replay("storage", None) == 20
+    wait_for(lambda: sorted(d.id for d in store.list("storage")) == sorted(ids) or None,
+             timeout=20, what="each letter back once")
+
+
 def test_dead_letters_can_be_purged(run: Running) -> None:
     from cloudevents.http import CloudEvent
 
