@@ -109,3 +109,5 @@ def read_json(request: Request, limit: int = 64 * 1024) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"body is not valid JSON: {exc}") from exc
+    except RecursionError:  # "[[[[..." nested past the interpreter's stack
+        raise ApiError(400, "invalid_json", "body is nested too deeply") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.documents import KINDS
 
@@ -59,11 +59,27 @@ class DocumentPage(BaseModel):
     next_cursor: str | None
 
 
+def _not_null(value: object, instead: str) -> object:
+    """An explicit null for a field a record always has (validators run on sent values
+    only: a field left out stays unset)."""
+    if value is None:
+        raise ValueError(f"may not be null; send {instead}")
+    return value
+
+
 class DocumentPatch(BaseModel):
+    """Fields left out stay as they are; ``kind`` and ``note`` are cleared with null, tags
+    with [] (a record's tags are a list, so null is refused rather than stored)."""
+
     model_config = _STRICT
     kind: Kind | None = None
     tags: list[Tag] | None = Field(default=None, max_length=20)
     note: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tags_not_null(cls, value: object) -> object:
+        return _not_null(value, "[] to clear them")
 
 
 class LinkRequest(BaseModel):
@@ -113,10 +129,18 @@ class UserPage(BaseModel):
 
 
 class UserPatch(BaseModel):
+    """Fields left out stay as they are; ``role`` and ``status`` always have a value, so
+    null is refused for them (``role: agent`` lifts a restriction to driver rights)."""
+
     model_config = _STRICT
     role: Literal["driver", "agent"] | None = None
     status: Literal["active", "disabled"] | None = None
     display_name: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("role", "status", mode="before")
+    @classmethod
+    def _always_set(cls, value: object) -> object:
+        return _not_null(value, "one of its values")
 
 
 class AuditView(BaseModel):

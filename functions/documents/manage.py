@@ -22,7 +22,7 @@ from shared.errors import ApiError, bad_request, not_found
 from shared.http import json_response, parse_body
 from shared.identity import Identity
 from shared.ids import is_document_id
-from shared.pagination import encode_cursor, newest_first_after, parse_limit
+from shared.pagination import encode_cursor, newest_first_after, parse_limit, utc_time
 from shared.schemas import (
     DocumentPage,
     DocumentPatch,
@@ -130,10 +130,9 @@ def browse(svc: Services, request: Request) -> Response:
 
 def _timestamp(name: str, raw: str) -> datetime:
     try:
-        value = datetime.fromisoformat(raw)
+        return utc_time(raw)
     except ValueError:
         raise bad_request(f"{name} must be an ISO 8601 time", code="invalid_query") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def patch(svc: Services, request: Request, doc_id: str) -> Response:

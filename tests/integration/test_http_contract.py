@@ -165,6 +165,51 @@ def test_a_multipart_body_is_limited_as_a_whole(small: Running, http: requests.S
     _nothing_kept(small)
 
 
+def test_odd_queries_and_bodies_are_400s_and_corrupt_nothing(
+    small: Running, http: requests.Session,
+) -> None:
+    """Each of these once gave a 500, and an explicit null in a PATCH stored a value the
+    records cannot hold, after which every read of that record gave a 500 too."""
+    import base64
+    import json
+
+    doc_id = upload(http, small.base_url, samples.pdf(samples.marker()), "application/pdf"
+                    ).json()["id"]
+    http.get(small.url("/v1/users/me"), headers=DRIVER, timeout=10)  # provisions driver-1
+    for method, path, body, code in [
+        ("PATCH", f"/v1/documents/{doc_id}", {"tags": None}, "invalid_body"),
+        ("PATCH", "/v1/users/driver-1", {"status": None}, "invalid_body"),
+        ("PATCH", "/v1/users/driver-1", {"role": None}, "invalid_body"),
+    ]:
+        _error(http.request(method, small.url(path), json=body, headers=AGENT, timeout=10),
+               400, code)
+    deep = "[" * 50_000
+    for path in (f"/v1/documents/{doc_id}", "/v1/users/driver-1"):
+        _error(http.patch(small.url(path), data=deep, timeout=10,
+                          headers={**AGENT, "Content-Type": "application/json"}),
+               400, "invalid_json")
+    forged = base64.urlsafe_b64encode(json.dumps(
+        ["0001-01-01T00:00:00+05:00", "x"]).encode()).decode().rstrip("=")
+    for path, params, code in [
+        ("/v1/documents", {"limit": "\u00b2"}, "invalid_query"),
+        ("/v1/users", {"limit": "\u00b2"}, "invalid_query"),
+        ("/v1/audit", {"limit": "\u00b2"}, "invalid_query"),
+        ("/v1/documents", {"created_after": "0001-01-01T00:00:00+01:00"}, "invalid_query"),
+        ("/v1/documents", {"created_before": "9999-12-31T23:59:59-05:00"}, "invalid_query"),
+        ("/v1/documents", {"cursor": forged}, "invalid_cursor"),
+        ("/v1/audit", {"cursor": forged}, "invalid_cursor"),
+    ]:
+        _error(http.get(small.url(path), params=params, headers=AGENT, timeout=10), 400, code)
+    # the records are as they were, and readable
+    assert http.get(small.url(f"/v1/documents/{doc_id}"), headers=AGENT).json()["tags"] == []
+    me = http.get(small.url("/v1/users/me"), headers=DRIVER, timeout=10)
+    assert (me.status_code, me.json()["status"]) == (200, "active")
+    cleared = http.patch(small.url(f"/v1/documents/{doc_id}"), json={"tags": [], "note": None},
+                         headers=AGENT, timeout=10)
+    assert cleared.status_code == 200, cleared.text
+    assert http.get(small.url("/v1/documents"), headers=AGENT, timeout=10).status_code == 200
+
+
 def test_idempotency_key_returns_the_first_document(small: Running, http: requests.Session) -> None:
     body = samples.pdf()
     key = {"Idempotency-Key": "upload-42"}
