@@ -87,7 +87,8 @@ class UserRepository:
         if raw is None:
             return None
         user = User.model_validate(raw)
-        self.cache.set(_key(user_id), user.model_dump(mode="json", by_alias=True), USER_CACHE_TTL)
+        self.cache.fill(_key(user_id), user.model_dump(mode="json", by_alias=True),
+                        USER_CACHE_TTL)
         return user
 
     def ensure(self, identity: Identity) -> User:
@@ -110,14 +111,14 @@ class UserRepository:
             upsert=True,
         )
         if result.upserted_id is not None or result.modified_count:
-            self.cache.delete(_key(identity.user_id))
+            self.cache.invalidate(_key(identity.user_id))
 
     def update(self, user_id: str, changes: dict[str, Any]) -> User | None:
         raw = self.col.find_one_and_update(
             {"_id": user_id}, {"$set": {**changes, "updated_at": utcnow()}},
             return_document=ReturnDocument.AFTER,
         )
-        self.cache.delete(_key(user_id))
+        self.cache.invalidate(_key(user_id))
         return User.model_validate(raw) if raw else None
 
     def page(self, limit: int, cursor: str | None, role: str | None = None,
@@ -150,12 +151,22 @@ class UserRepository:
                 {"$push": {"devices": device}},
             )
             added = result.modified_count == 1
-        self.cache.delete(_key(identity.user_id))
+        self.cache.invalidate(_key(identity.user_id))
+        # A token reaches one phone: registered here, it is no longer any other user's (a
+        # phone passed on, or signed into another account), whose pushes would otherwise
+        # keep arriving on it. After the push, so that two at once leave it to at most one.
+        others = [raw["_id"] for raw in self.col.find(
+            {"devices.token": token, "_id": {"$ne": identity.user_id}}, {"_id": 1})]
+        if others:
+            self.col.update_many({"_id": {"$in": others}},
+                                 {"$pull": {"devices": {"token": token}}})
+            for other in others:
+                self.cache.invalidate(_key(other))
         return added
 
     def remove_device(self, user_id: str, device: str) -> bool:
         result = self.col.update_one({"_id": user_id}, {"$pull": {"devices": {"id": device}}})
-        self.cache.delete(_key(user_id))
+        self.cache.invalidate(_key(user_id))
         return result.modified_count == 1
 
     def remove_tokens(self, user_id: str, tokens: list[str]) -> int:
@@ -164,7 +175,7 @@ class UserRepository:
         result = self.col.update_one(
             {"_id": user_id}, {"$pull": {"devices": {"token": {"$in": tokens}}}}
         )
-        self.cache.delete(_key(user_id))
+        self.cache.invalidate(_key(user_id))
         return result.modified_count
 
 

@@ -10,7 +10,7 @@ import pymongo
 import pytest
 import redis
 
-from shared.cache import RedisCache
+from shared.cache import Cache, MemoryCache, RedisCache
 from shared.config import Settings
 from shared.identity import Identity
 from shared.users import UserRepository
@@ -34,7 +34,12 @@ def test_lookups_are_served_from_redis_and_invalidated_on_write(db: Any) -> None
     users.provision(DRIVER)
     raw = redis.Redis.from_url(settings.redis_url)
     key = f"{settings.redis_prefix}user:{DRIVER.user_id}"
-    assert raw.get(key) is None
+    # Provisioning was a write: the key holds the invalidation's marker for a few seconds,
+    # during which lookups read MongoDB and fill nothing.
+    assert raw.get(key) == b"\x00invalidated"
+    assert users.get(DRIVER.user_id) is not None
+    assert raw.get(key) == b"\x00invalidated"
+    raw.delete(key)  # the marker's few seconds are up
 
     assert users.get(DRIVER.user_id) is not None
     cached: Any = raw.get(key)
@@ -51,7 +56,7 @@ def test_lookups_are_served_from_redis_and_invalidated_on_write(db: Any) -> None
 
     # A write through the repository invalidates the entry; the next read is fresh.
     users.add_device(DRIVER, "tok-1", "web")
-    assert raw.get(key) is None
+    assert raw.get(key) == b"\x00invalidated"
     fresh = users.get(DRIVER.user_id)
     assert fresh is not None
     assert fresh.status == "disabled"
@@ -73,3 +78,47 @@ def test_redis_outage_degrades_to_mongodb_reads(db: Any) -> None:
     user = users.get(DRIVER.user_id)
     assert user is not None
     assert [d.token for d in user.devices] == ["tok-2"]
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_a_read_that_began_before_a_write_cannot_put_the_old_record_back(
+    db: Any, kind: str,
+) -> None:
+    """A lookup reads the record, an agent disables the user and the entry is invalidated,
+    then the lookup fills the cache with what it read: that old, active copy must not be
+    what later lookups get (with a plain delete it stayed for the entry's 5 minutes)."""
+    database, settings = db
+    cache: Cache = RedisCache(settings.redis_url, settings.redis_prefix) if kind == "redis" \
+        else MemoryCache()
+    users = UserRepository(database, cache)
+    users.provision(DRIVER)
+    real_find_one = users.col.find_one
+
+    def find_then_disable(*args: Any, **kwargs: Any) -> Any:
+        found = real_find_one(*args, **kwargs)  # the old record, still active
+        users.update(DRIVER.user_id, {"status": "disabled"})  # meanwhile, an agent
+        return found
+
+    users.col.find_one = find_then_disable  # type: ignore[method-assign]
+    try:
+        in_flight = users.get(DRIVER.user_id)
+    finally:
+        del users.col.find_one
+    assert in_flight is not None
+    assert in_flight.status == "active"  # what that one lookup read
+    later = users.get(DRIVER.user_id)
+    assert later is not None
+    assert later.status == "disabled"
+    cache.close()
+
+
+def test_a_device_token_belongs_to_the_last_user_who_registered_it(db: Any) -> None:
+    database, settings = db
+    users = UserRepository(database, RedisCache(settings.redis_url, settings.redis_prefix))
+    first, second = Identity("driver-8", "driver"), Identity("driver-9", "driver")
+    assert users.add_device(first, "passed-on-phone", "android")
+    assert users.get(first.user_id).devices[0].token == "passed-on-phone"  # type: ignore[union-attr]
+    assert users.add_device(second, "passed-on-phone", "android")
+    assert users.get(first.user_id).devices == []  # type: ignore[union-attr]
+    assert [d.token for d in users.get(second.user_id).devices] == ["passed-on-phone"]  # type: ignore[union-attr]
+    assert database["users"].count_documents({"devices.token": "passed-on-phone"}) == 1
