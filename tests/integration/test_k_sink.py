@@ -126,3 +126,19 @@ def test_knative_dead_letters_are_listed_replayed_and_purged(
         assert store.replay("storage", None) == 0
         assert store.purge("storage", None) == 1
         assert col.count_documents({}) == 0
+
+        # Replayed again, and failing again before the replay removes the letter: the
+        # sink counts the same letter up, and that letter is not removed with the old one.
+        failure = CloudEvent({"id": event_id, "source": "/docproc", "type": DOCUMENT_UPLOADED,
+                              "subject": doc_id, "knativeerrorcode": "500"}, None)
+        record(col, "storage", failure)
+        real_publish = svc.publish
+
+        def publish_and_fail_again(event: Any) -> None:
+            real_publish(event)
+            record(col, "storage", failure)
+
+        monkeypatch.setattr(svc, "publish", publish_and_fail_again)
+        assert store.replay("storage", None) == 1
+        [again] = store.list("storage")
+        assert (again.id, again.attempts) == (event_id, 2)
