@@ -170,6 +170,14 @@ def test_link_keyring_is_generated_once_private_and_rotates_with_grace(
         ("..", "document"),
         (".hidden.pdf", "hidden.pdf"),
         ("Lieferschein Müller.pdf", "Lieferschein Müller.pdf"),
+        # separators in disguise: Windows' "best fit" maps the fullwidth solidus to /
+        ("..\uff0f..\uff0fetc\uff0fpasswd", "passwd"),
+        ("a\u2215b\u2044c.pdf", "c.pdf"),
+        ("line\u2028break\u2029.pdf", "linebreak.pdf"),  # no line breaks in a shown name
+        ("a:b|c?.pdf", "a_b_c_.pdf"),  # what Windows refuses in a name
+        ("CON", "_CON"), ("nul.pdf", "_nul.pdf"), ("Com1 .txt", "_Com1 .txt"),
+        ("scan.pdf. . ", "scan.pdf"),  # Windows drops trailing dots and spaces
+        (" .pdf", "document.pdf"), ("\u061c.pdf", "document.pdf"),  # an extension alone
     ],
 )
 def test_file_names_are_cleaned(raw: str | None, clean: str) -> None:
