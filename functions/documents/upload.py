@@ -197,10 +197,13 @@ def upload(svc: Services, request: Request) -> Response:
         if previous is not None:
             UPLOADS.labels("repeated").inc()
             return accepted(previous)
-    if request.content_length is not None and request.content_length > settings.max_upload_bytes:
+    multipart = request.mimetype == "multipart/form-data"
+    # A multipart body carries its framing besides the document: a document at the limit
+    # is accepted either way (and Kong lets that much through).
+    body_limit = settings.max_upload_bytes + (MULTIPART_FRAMING if multipart else 0)
+    if request.content_length is not None and request.content_length > body_limit:
         raise _too_large(settings.max_upload_bytes)
     kind = _check_kind(request.headers.get("X-Document-Kind") or None)
-    multipart = request.mimetype == "multipart/form-data"
     declared = "" if multipart else _check_type(normalize_media_type(request.mimetype),
                                                  settings.allowed_types)
     filename = request.headers.get("X-Filename")

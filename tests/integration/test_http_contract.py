@@ -147,6 +147,20 @@ def test_a_multipart_body_cut_before_its_closing_delimiter_is_refused(
     assert settled(http, small.base_url, resp.json()["id"])["size"] == len(body)
 
 
+def test_a_document_at_the_limit_is_accepted_in_a_multipart_body_too(
+    small: Running, http: requests.Session,
+) -> None:
+    body = samples.pdf(samples.marker())
+    body += b"%" + b"\0" * (LIMIT - len(body) - 1)  # padding after the PDF's end
+    assert len(body) == LIMIT
+    resp = http.post(small.url("/v1/documents"), headers=DRIVER, timeout=30,
+                     files={"file": ("limit.pdf", body, "application/pdf")})
+    assert resp.status_code == 202, resp.text
+    _error(http.post(small.url("/v1/documents"), headers=DRIVER, timeout=30,
+                     files={"file": ("over.pdf", body + b"\0", "application/pdf")}),
+           413, "too_large")
+
+
 def test_a_multipart_body_is_limited_as_a_whole(small: Running, http: requests.Session) -> None:
     """Parts nobody reads are not the document, but they are still body: sent chunked,
     with no Content-Length to refuse early, they stop at the limit and its framing."""

@@ -669,10 +669,13 @@ def _payload_limit(route: Route) -> int:
     return options.allowed_payload_size * SIZE_UNITS[options.size_unit]
 
 
-def test_upload_limit_is_docproc_max_upload_bytes() -> None:
+def test_upload_limit_is_docproc_max_upload_bytes_with_multipart_framing() -> None:
+    from functions.documents.upload import MULTIPART_FRAMING
+
     route = winner("POST", "/v1/documents")
     assert route is not None
-    assert _payload_limit(route) == Settings.model_fields["max_upload_bytes"].default
+    assert _payload_limit(route) == (Settings.model_fields["max_upload_bytes"].default
+                                     + MULTIPART_FRAMING)
     options: RequestSizeLimiting = route.options("request-size-limiting")
     assert options.require_content_length  # or Kong would read a chunked body whole first
     assert route.spec["request_buffering"] is False  # streamed, never spooled by Kong
