@@ -31,7 +31,7 @@ from shared.mongo import MongoHandle, open_mongo
 from shared.observability import HANDLED, setup_logging
 from shared.outbox_marks import PublishedMarks
 from shared.push import FcmSender, OutboxSender, PushSender
-from shared.users import UserRepository
+from shared.users import LOCAL_USER_CACHE_TTL, USER_CACHE_TTL, UserRepository
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,10 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         settings=settings,
         mongo=mongo,
         documents=documents,
-        users=UserRepository(mongo.db, cache),
+        # Without Redis each process caches users on its own; sharing the database with
+        # others (MONGODB_URI), it cannot hear of their changes, so it keeps them briefly.
+        users=UserRepository(mongo.db, cache, USER_CACHE_TTL if settings.redis_url
+                             or not settings.mongodb_uri else LOCAL_USER_CACHE_TTL),
         deliveries=DeliveryRepository(mongo.db),
         audit=AuditLog(mongo.db),
         blobs=BlobStore(settings.efs_root),

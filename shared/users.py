@@ -20,6 +20,10 @@ from shared.pagination import decode_cursor, encode_cursor
 Platform = Literal["android", "ios", "web"]
 Status = Literal["active", "disabled"]
 USER_CACHE_TTL = 300.0
+# For a cache of this process alone while other processes change the same users (a
+# database they share, no Redis): their invalidations never reach it, so it may only hold
+# a user this long past a change made elsewhere.
+LOCAL_USER_CACHE_TTL = 5.0
 _RANK = {"driver": 0, "agent": 1}
 
 
@@ -70,9 +74,11 @@ class User(BaseModel):
 
 
 class UserRepository:
-    def __init__(self, db: Database[dict[str, Any]], cache: Cache) -> None:
+    def __init__(self, db: Database[dict[str, Any]], cache: Cache,
+                 ttl: float = USER_CACHE_TTL) -> None:
         self.col: Collection[dict[str, Any]] = db["users"]
         self.cache = cache
+        self.ttl = ttl
 
     def ensure_indexes(self) -> None:
         self.col.create_index([("devices.token", ASCENDING)], name="device_token")
@@ -87,8 +93,7 @@ class UserRepository:
         if raw is None:
             return None
         user = User.model_validate(raw)
-        self.cache.fill(_key(user_id), user.model_dump(mode="json", by_alias=True),
-                        USER_CACHE_TTL)
+        self.cache.fill(_key(user_id), user.model_dump(mode="json", by_alias=True), self.ttl)
         return user
 
     def ensure(self, identity: Identity) -> User:

@@ -122,3 +122,24 @@ def test_a_device_token_belongs_to_the_last_user_who_registered_it(db: Any) -> N
     assert users.get(first.user_id).devices == []  # type: ignore[union-attr]
     assert [d.token for d in users.get(second.user_id).devices] == ["passed-on-phone"]  # type: ignore[union-attr]
     assert database["users"].count_documents({"devices.token": "passed-on-phone"}) == 1
+
+
+def test_a_process_local_cache_beside_other_processes_keeps_users_briefly(
+    service_settings: Callable[..., Settings],
+) -> None:
+    """Without Redis a process caches users alone; when it shares the database with other
+    processes (MONGODB_URI), their changes never invalidate its entries, so it keeps a user
+    only seconds: a user disabled through another process is refused soon, not in 5 min."""
+    from docproc.runtime import build_services
+    from shared.users import LOCAL_USER_CACHE_TTL, USER_CACHE_TTL
+
+    for overrides, cache, ttl in [
+        ({}, RedisCache, USER_CACHE_TTL),  # Redis: everyone's invalidations reach it
+        ({"redis_url": None}, MemoryCache, LOCAL_USER_CACHE_TTL),  # alone, beside others
+    ]:
+        svc = build_services(service_settings(**overrides))
+        try:
+            assert isinstance(svc.users.cache, cache)
+            assert svc.users.ttl == ttl
+        finally:
+            svc.close()
