@@ -48,10 +48,11 @@ def _uploaded(doc_id: str) -> CloudEvent:
 
 @contextmanager
 def _one_thread(settings: Settings, one: Callable[[CloudEvent], None],
-                many: BatchHandler) -> Iterator[tuple[RabbitRunner, AmqpPublisher,
-                                                      threading.Thread]]:
-    """A storage runner with one handler thread taking up to four events, and a publisher."""
-    runner = RabbitRunner(settings.amqp_url or "", settings.amqp_prefix,
+                many: BatchHandler, url: str | None = None,
+                ) -> Iterator[tuple[RabbitRunner, AmqpPublisher, threading.Thread]]:
+    """A storage runner with one handler thread taking up to four events (connected to
+    ``url``, else to the settings' broker), and a publisher."""
+    runner = RabbitRunner(url or settings.amqp_url or "", settings.amqp_prefix,
                           Subscription("storage", one, many),
                           RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
     thread = threading.Thread(target=runner.run, daemon=True)
@@ -427,33 +428,24 @@ def test_what_waits_on_a_lost_connection_is_left_to_the_broker(
             handled.extend(str(e["id"]) for e in events)
         return [None] * len(events)
 
-    runner = RabbitRunner(via_relay, settings.amqp_prefix, Subscription("storage", one, many),
-                          RetryPolicy(settings.retry_delays), concurrency=1, batch_size=4)
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    publisher = AmqpPublisher(settings.amqp_url or "", settings.amqp_prefix,
-                              settings.retry_delays)
     try:
-        assert runner.ready.wait(10)
-        events = [_uploaded(new_document_id()) for _ in range(4)]
-        ids = [str(e["id"]) for e in events]
-        publisher.publish(events[0])
-        wait_for(lambda: runner.waiting() == 0 or None, what="the first event to be taken")
-        for event in events[1:]:
-            publisher.publish(event)
-        wait_for(lambda: runner.waiting() >= 3 or None, what="the rest to wait")
-        relay.cut()
-        time.sleep(0.5)  # the connection's loss is seen
-        gate.set()
-        wait_for(lambda: sorted(set(handled)) == sorted(ids) or None, timeout=20,
-                 what="every event after the reconnection")
-        time.sleep(0.5)
-        # The one in hand was handled, and again once redelivered; the three that waited,
-        # once each, after the reconnection.
-        assert sorted(handled) == sorted([ids[0], *ids])
+        with _one_thread(settings, one, many, url=via_relay) as (runner, publisher, _):
+            events = [_uploaded(new_document_id()) for _ in range(4)]
+            ids = [str(e["id"]) for e in events]
+            publisher.publish(events[0])
+            wait_for(lambda: runner.waiting() == 0 or None, what="the first event to be taken")
+            for event in events[1:]:
+                publisher.publish(event)
+            wait_for(lambda: runner.waiting() >= 3 or None, what="the rest to wait")
+            relay.cut()
+            time.sleep(0.5)  # the connection's loss is seen
+            gate.set()
+            wait_for(lambda: sorted(set(handled)) == sorted(ids) or None, timeout=20,
+                     what="every event after the reconnection")
+            time.sleep(0.5)
+            # The one in hand was handled, and again once redelivered; the three that
+            # waited, once each, after the reconnection.
+            assert sorted(handled) == sorted([ids[0], *ids])
     finally:
         gate.set()
-        publisher.close()
-        runner.stop()
-        thread.join(10)
         relay.close()

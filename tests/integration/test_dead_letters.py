@@ -297,15 +297,7 @@ def test_a_bus_worker_outlives_a_failed_ack(bus_db: Any, monkeypatch: pytest.Mon
     bus = InProcessBus(RetryPolicy((0.05,)), bus_db, concurrency=1, exclusive=True)
     handled: list[str] = []
     bus.subscribe(Subscription("storage", lambda e: handled.append(str(e["id"]))))
-    real_delete = bus.queue.delete_one
-    refusals = [RuntimeError("write refused")]
-
-    def delete_one(*args: Any, **kwargs: Any) -> Any:
-        if refusals:
-            raise refusals.pop()
-        return real_delete(*args, **kwargs)
-
-    monkeypatch.setattr(bus.queue, "delete_one", delete_one)
+    refusals = _refuse_once(monkeypatch, bus.queue, "delete_one")
     first, second = _event(), _event()
     bus.start()
     try:
@@ -334,15 +326,7 @@ def test_a_dead_lettering_cut_short_is_finished_not_repeated(
         raise RuntimeError("unreadable")
 
     bus.subscribe(Subscription("storage", failing))
-    real_delete = bus.queue.delete_one
-    refusals = [RuntimeError("write refused")]
-
-    def delete_one(*args: Any, **kwargs: Any) -> Any:
-        if refusals:
-            raise refusals.pop()
-        return real_delete(*args, **kwargs)
-
-    monkeypatch.setattr(bus.queue, "delete_one", delete_one)
+    refusals = _refuse_once(monkeypatch, bus.queue, "delete_one")
     event = _event()
     bus.start()
     try:
@@ -355,3 +339,19 @@ def test_a_dead_lettering_cut_short_is_finished_not_repeated(
     [dead] = bus.dead_letters("storage")
     assert dead["reason"] == "RuntimeError: unreadable"
     assert bus.queue.count_documents({}) == 0
+
+
+def _refuse_once(monkeypatch: pytest.MonkeyPatch, collection: Any, method: str,
+                 ) -> list[Exception]:
+    """Make the collection's next ``method`` call fail, as a database refusing one write
+    would; the returned list is empty once it has."""
+    real = getattr(collection, method)
+    refusals: list[Exception] = [RuntimeError("write refused")]
+
+    def refuse_once(*args: Any, **kwargs: Any) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collection, method, refuse_once)
+    return refusals
