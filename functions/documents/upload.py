@@ -277,8 +277,8 @@ def upload(svc: Services, request: Request) -> Response:
             # The record went in and only what came after failed (the database's answer
             # lost on the way, say): the document is accepted, and the outbox relay
             # publishes its event. Deleting the object now would strand the record.
-            log.warning("document %s was recorded although the upload failed after: %s",
-                        doc_id, exc)
+            log.warning("document %s was recorded although the upload failed after it",
+                        doc_id, exc_info=exc)
             return _accepted_new(doc)
         if recorded is False:
             svc.blobs.delete(Area.STAGING, doc_id)
