@@ -166,8 +166,11 @@ def _insert_records(col: Collection[dict[str, Any]], export: Path, inserted: lis
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
-        col.insert_many(batch, ordered=True)
+        # Noted before the insert: one that fails partway has written some of the batch,
+        # and the roll-back must find them (deleting an id that never went in does
+        # nothing: the target was empty).
         inserted.extend(r["_id"] for r in batch)
+        col.insert_many(batch, ordered=True)
         batch.clear()
 
     with export.open("rb") as source:

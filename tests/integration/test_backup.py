@@ -247,6 +247,37 @@ def test_restore_is_refused_into_a_used_installation_or_without_the_keys(
         assert not any(Path(stranger.svc.blobs.root, "objects").rglob("*"))
 
 
+def test_a_restore_failing_partway_through_an_insert_leaves_the_target_empty(
+    service_settings: Callable[..., Settings], other_installation: MakeInstall, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database takes half of a batch of records and then the connection drops: the
+    roll-back removes those too, so the next try is not refused as "not empty"."""
+    with serving(service_settings) as run, requests.Session() as http:
+        populate(run, http)
+        manifest = create_backup(run.svc, str(tmp_path / "backups"))
+        keys_dir = run.svc.settings.keys_dir
+    with serving(service_settings, **other_installation(keys_from=keys_dir)) as fresh:
+        documents = fresh.svc.documents.col
+        real_insert_many = pymongo.collection.Collection.insert_many
+
+        def half_then_drop(col: Any, batch: list[dict[str, Any]], *args: Any,
+                           **kwargs: Any) -> Any:
+            if col.name == documents.name and len(batch) > 1:
+                real_insert_many(col, batch[: len(batch) // 2], *args, **kwargs)
+                raise pymongo.errors.AutoReconnect("connection closed")
+            return real_insert_many(col, batch, *args, **kwargs)
+
+        monkeypatch.setattr(pymongo.collection.Collection, "insert_many", half_then_drop)
+        with pytest.raises(pymongo.errors.AutoReconnect):
+            restore_backup(fresh.svc, manifest.location)
+        monkeypatch.undo()
+        assert all(rows == [] for rows in records(fresh.svc).values())
+        assert not any(p.is_file() for p in Path(fresh.svc.blobs.root, "objects").rglob("*"))
+        restore_backup(fresh.svc, manifest.location)  # the next try goes through
+        assert documents.count_documents({}) > 1
+
+
 def test_a_backup_from_before_the_slots_answers_repeats_once_restored(
     service_settings: Callable[..., Settings], other_installation: MakeInstall, tmp_path: Path,
 ) -> None:
