@@ -373,6 +373,27 @@ def test_an_interrupted_backup_is_listed_as_incomplete(
             restore_backup(run.svc, broken.location)
 
 
+def test_a_stored_document_whose_object_is_lost_fails_the_backup(
+    service_settings: Callable[..., Settings], tmp_path: Path,
+) -> None:
+    """Only a document deleted after the export may be missing its object: one still
+    stored whose file is gone (a file system fault, a wrong mount) fails the backup, which
+    is then listed as incomplete, instead of being called complete and verified OK."""
+    dest = tmp_path / "backups"
+    with serving(service_settings) as run, requests.Session() as http:
+        contents = populate(run, http)
+        lost = next(iter(contents.stored))
+
+        def lose(message: str) -> None:
+            if message.startswith("exported the database"):
+                run.svc.blobs.path(Area.OBJECTS, lost).unlink()
+
+        with pytest.raises(BackupError, match=f"{lost} is stored but its object is missing"):
+            create_backup(run.svc, str(dest), progress=lose)
+        [broken] = list_backups(str(dest))
+        assert not broken.complete
+
+
 def test_backup_is_consistent_with_its_database_export(
     service_settings: Callable[..., Settings], other_installation: MakeInstall, tmp_path: Path,
 ) -> None:
