@@ -218,13 +218,19 @@ def swap_active(knative_dir: Path, to: str | None = None) -> tuple[list[Change],
         raise ReleaseError(f"no cluster {new!r}")
     if new == active:
         raise ReleaseError(f"{new} is already the active cluster")
+    config["active"] = new
+    # The Route 53 batch first: a configuration it cannot be made from fails the command
+    # before any file says the other cluster is active.
+    try:
+        batch = change_batch(config)
+    except KeyError as exc:
+        raise ReleaseError(f"{clusters_file}: no {exc.args[0]!r}") from None
     after = re.sub(r"^active:.*$", f"active: {new}", before, count=1, flags=re.MULTILINE)
     clusters_file.write_text(after)
-    config["active"] = new
     changes = [Change(clusters_file, before, after)]
     for cluster in CLUSTERS:
         changes += _flag_overlay(knative_dir / "overlays" / cluster, cluster == new)
-    return changes, change_batch(config)
+    return changes, batch
 
 
 def _flag_overlay(overlay: Path, active: bool) -> list[Change]:

@@ -146,6 +146,21 @@ def test_activate_swaps_the_failover_pair_the_beta_record_and_the_overlays(
     assert main(["release", "activate", passive, "--knative", str(knative)]) == 2
 
 
+def test_activate_changes_nothing_when_its_route53_batch_cannot_be_made(
+    knative: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    if not (knative / "route53.yaml").exists():
+        pytest.skip("the project has no knative/route53.yaml")
+    config = yaml.safe_load((knative / "route53.yaml").read_text())
+    del config["beta_record"]
+    (knative / "route53.yaml").write_text(yaml.safe_dump(config))
+    files = {p: p.read_text() for p in knative.rglob("*.yaml")}
+    assert main(["release", "activate", "--knative", str(knative)]) == 2
+    assert "beta_record" in capsys.readouterr().err
+    assert {p: p.read_text() for p in knative.rglob("*.yaml")} == files
+    assert not (knative / "route53-change.json").exists()
+
+
 def test_the_copied_overlays_still_render_after_releases(knative: Path) -> None:
     import subprocess
     import sys
