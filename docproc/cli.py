@@ -197,8 +197,10 @@ def _rotate_keys(args: argparse.Namespace) -> int:
         svc.close()
     print(report)
     if args.kms_key:
-        print(f"now set KMS_KEY_ID={args.kms_key} everywhere")
-    return 0
+        # Until then the running services wrap new uploads' keys under the old KEK.
+        print(f"now set KMS_KEY_ID={args.kms_key} everywhere, then run this command again: "
+              "documents uploaded before the switch are still under the old key")
+    return 1 if report.failed else 0
 
 
 def _progress(message: str) -> None:

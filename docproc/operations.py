@@ -9,7 +9,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from events.cloudevent import make_event
 from events.runner import ATTEMPT_HEADER, DEAD_REASON_HEADER
 from events.subscriptions import ROUTES
 from shared.documents import Document, Status
-from shared.keys import KeyProvider, WrappedKey
+from shared.keys import KeyProvider, KeyProviderError, WrappedKey
 from shared.knative_dead_letters import COLLECTION as KNATIVE_DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -258,11 +258,19 @@ class RotationReport:
     rewrapped: int
     already_current: int
     shredded: int
+    # Changed by someone else between our read and our write (deleted, re-wrapped): the
+    # next run sees what they left.
+    changed: int = 0
+    # Documents whose data key could not be re-wrapped, with why: they stay as they were.
+    failed: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"active key {self.new_key_id}: {self.rewrapped} data key(s) re-wrapped, "
+        text = (f"active key {self.new_key_id}: {self.rewrapped} data key(s) re-wrapped, "
                 f"{self.already_current} already under it, {self.shredded} deleted documents "
-                "skipped")
+                f"skipped, {self.changed} changed meanwhile")
+        for doc_id, why in sorted(self.failed.items()):
+            text += f"\n  NOT re-wrapped: {doc_id}: {why}"
+        return text
 
 
 def rewrap_all(svc: Services, provider: KeyProvider,
@@ -279,14 +287,23 @@ def rewrap_all(svc: Services, provider: KeyProvider,
             report.shredded += 1
         else:
             old = WrappedKey.from_doc(wrapped_doc)
-            new = provider.rewrap(old, {"document_id": raw["_id"]})
-            if new is old or new.key_id == old.key_id:
+            try:
+                new = provider.rewrap(old, {"document_id": raw["_id"]})
+            except KeyProviderError as exc:
+                # One key that cannot be unwrapped (its KEK gone, another provider's) does
+                # not stop the others; the run reports it and fails.
+                report.failed[str(raw["_id"])] = str(exc)
+                new = None
+            if new is None:
+                pass
+            elif new is old or new.key_id == old.key_id:
                 report.already_current += 1
-            else:
-                # Only replace the exact key we read: a concurrent delete stays a delete.
-                col.update_one({"_id": raw["_id"], "wrapped_key": wrapped_doc},
-                               {"$set": {"wrapped_key": new.to_doc()}})
+            # Only replace the exact key we read: a concurrent delete stays a delete.
+            elif col.update_one({"_id": raw["_id"], "wrapped_key": wrapped_doc},
+                                {"$set": {"wrapped_key": new.to_doc()}}).modified_count:
                 report.rewrapped += 1
+            else:
+                report.changed += 1
         if progress is not None and (seen % 500 == 0 or seen == total):
             progress(seen, total)
     return report

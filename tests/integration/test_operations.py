@@ -210,6 +210,27 @@ def test_local_key_rotation_rewraps_and_documents_stay_readable(
         assert (again.rewrapped, again.already_current) == (0, 3)
 
 
+def test_a_data_key_that_cannot_be_rewrapped_is_reported_and_the_rest_go_on(
+    service_settings: Callable[..., Settings], http: requests.Session,
+) -> None:
+    with serving(service_settings) as run:
+        ids = [settled(http, run.base_url, upload(http, run.base_url, samples.pdf(
+            samples.marker()), "application/pdf").json()["id"])["id"] for _ in range(3)]
+        # One record names a KEK this keyring never had (another installation's, say).
+        run.svc.documents.col.update_one({"_id": ids[1]},
+                                         {"$set": {"wrapped_key.key_id": "k-elsewhere"}})
+        ring = LocalKeyring(run.svc.settings.keys_dir)
+        new = ring.rotate()
+        report = rewrap_all(run.svc, ring)
+        assert (report.rewrapped, report.already_current) == (2, 0)
+        assert list(report.failed) == [ids[1]]
+        assert "NOT re-wrapped: " + ids[1] in str(report)
+        for doc_id in (ids[0], ids[2]):
+            record = run.svc.documents.get(doc_id)
+            assert record is not None
+            assert record.key.key_id == new
+
+
 def _partial(run: Running, ring: LocalKeyring) -> None:
     """Re-wrap the first document only, then stop as an interrupted run would."""
     from shared.keys import WrappedKey
