@@ -140,6 +140,7 @@ def _dlq(args: argparse.Namespace) -> int:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
+    from docproc import operations
     from docproc.operations import parse_age, reprocess
 
     if not args.ids and args.status != "processing":
@@ -153,6 +154,9 @@ def _reprocess(args: argparse.Namespace) -> int:
     for doc_id in done:
         print(f"requeued {doc_id}")
     print(f"{len(done)} document(s) sent to storage again")
+    if not args.ids and len(done) >= operations.REPROCESS_BATCH:
+        print(f"that is as many as one run sends ({operations.REPROCESS_BATCH}): more may be "
+              "stuck; run this again once storage has taken these")
     return 0
 
 

@@ -230,10 +230,16 @@ def uploaded_event(svc: Services, doc: Document) -> CloudEvent:
     )
 
 
+# Stuck documents sent again per run: they stay `processing` until storage has them, so a
+# run cannot page past them; another run takes the next ones.
+REPROCESS_BATCH = 1000
+
+
 def reprocess(svc: Services, ids: list[str] | None = None,
               older_than: timedelta | None = None) -> list[str]:
     """Send documents through storage again. Handlers are idempotent: a stuck document is
-    processed, a finished one is only announced again."""
+    processed, a finished one is only announced again. Without ids, at most
+    REPROCESS_BATCH of the oldest stuck documents."""
     if ids:
         docs = [d for d in (svc.documents.get(i) for i in ids) if d is not None]
         missing = set(ids) - {d.id for d in docs}
@@ -242,7 +248,7 @@ def reprocess(svc: Services, ids: list[str] | None = None,
     else:
         age = older_than if older_than is not None else timedelta(minutes=10)
         cutoff = datetime.now(UTC) - age
-        docs = svc.documents.stuck(cutoff)
+        docs = svc.documents.stuck(cutoff, limit=REPROCESS_BATCH)
     done = []
     for doc in docs:
         if doc.status == Status.DELETED:

@@ -145,8 +145,10 @@ def test_dead_letters_can_be_purged(run: Running) -> None:
     assert store.list("storage") == []
 
 
-def test_stuck_documents_are_visible_and_reprocessed(run: Running,
-                                                      http: requests.Session) -> None:
+def test_stuck_documents_are_visible_and_reprocessed(
+    run: Running, http: requests.Session, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     svc = run.svc
     working = svc.publisher
     from events.publisher import PublishError
@@ -172,8 +174,15 @@ def test_stuck_documents_are_visible_and_reprocessed(run: Running,
     assert [d["id"] for d in stuck.json()["items"]] == [doc_id]
     from datetime import timedelta
 
-    assert reprocess(svc, older_than=timedelta(seconds=0)) == [doc_id]
+    # One run sends at most a batch, and says when there may be more.
+    monkeypatch.setattr("docproc.operations.REPROCESS_BATCH", 1)
+    _env(monkeypatch, svc.settings)
+    assert main(["reprocess", "--status", "processing", "--older-than", "0s"]) == 0
+    out = capsys.readouterr().out
+    assert f"requeued {doc_id}" in out
+    assert "more may be stuck" in out
     assert settled(http, run.base_url, doc_id)["status"] == "stored"
+    assert reprocess(svc, older_than=timedelta(seconds=0)) == []
     # reprocessing a finished document only announces it again
     assert reprocess(svc, [doc_id]) == [doc_id]
     with pytest.raises(LookupError):
