@@ -50,7 +50,6 @@ import json
 import os
 import re
 import secrets
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,8 @@ from typing import Any, Final, Literal, Protocol, cast, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shared.watched_file import WatchedFile
 
 __all__ = [
     "DATA_KEY_SIZE",
@@ -77,7 +78,6 @@ _LOCAL_BLOB_SIZE: Final = _NONCE_SIZE + DATA_KEY_SIZE + _TAG_SIZE
 _LOCAL_KEY_ID: Final = re.compile(r"local-[0-9a-f]{16}")
 _ACTIVE_FILE: Final = "active"
 _POINTER_MAX: Final = 64  # bytes; a pointer holds one key id and a newline
-_POINTER_SETTLED_NS: Final = 2_000_000_000  # coarser than any file system's timestamps
 _LOCK_FILE: Final = ".lock"
 _KEY_SUFFIX: Final = ".key"
 
@@ -197,8 +197,8 @@ class LocalKeyring:
         self._directory = Path(directory)
         self._active_path = os.path.join(self._directory, _ACTIVE_FILE)
         self._keys: dict[str, AESGCM] = {}
-        # The pointer last read, with the file's identity then (inode, mtime, size).
-        self._active: tuple[tuple[int, int, int], str] | None = None
+        # The active key's id, read again only when the pointer file changes.
+        self._pointer = WatchedFile(self._active_path, self._parse_pointer, _POINTER_MAX + 1)
         self._ensure_directory()
         if self._read_active() is None:
             with self._locked():
@@ -237,33 +237,13 @@ class LocalKeyring:
             os.close(fd)  # also releases the lock
 
     def _read_active(self) -> str | None:
-        # Every upload asks for the active key. A stat says whether the pointer is the file
-        # read last time: a rotation renames a new file over it (a new inode) and an edit
-        # in place changes its mtime. One system call instead of the six of opening and
-        # reading the file, each of which lets go of the interpreter lock and, in a busy
-        # process, waits to take it back (bench/README.md, Finding 42).
-        try:
-            st = os.stat(self._active_path)
-        except FileNotFoundError:
-            return None
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        known = self._active
-        if known is not None and known[0] == stamp:
-            return known[1]
-        try:
-            with open(self._active_path, "rb") as f:
-                text = f.read(_POINTER_MAX + 1)
-        except FileNotFoundError:
-            return None
+        # Every upload asks for the active key: a stat, and a read only after a change.
+        return self._pointer.current()
+
+    def _parse_pointer(self, text: bytes) -> str:
         key_id = text.decode("ascii", "replace").strip()
         if not _LOCAL_KEY_ID.fullmatch(key_id):
             raise KeyProviderError(f"corrupt active key pointer in {self._directory}")
-        # Replaced between the stat and the read? Then the stamp is the old file's, and the
-        # next use reads again. A file written moments ago is not trusted by its stamp at
-        # all (as git treats "racily clean" files): another write within the same tick of
-        # the file system's clock, into a reused inode, could leave every field the same.
-        settled = time.time_ns() - st.st_mtime_ns > _POINTER_SETTLED_NS
-        self._active = (stamp, key_id) if settled else None
         return key_id
 
     def _create_key(self) -> str:

@@ -30,10 +30,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
 from shared.errors import ApiError
+from shared.watched_file import WatchedFile
 
 FILES_PREFIX = "/v1/files/"
 KEYRING_FILE = "link-keys.json"
 MIN_KEY_BYTES = 32
+_KEYRING_MAX_BYTES = 1024 * 1024  # a few keys; far more than a keyring ever holds
 # What a link's query may hold, checked before anything is parsed: the expiry in plain ASCII
 # digits without leading zeros (``str.isdigit`` also takes "²", which ``int`` refuses, and
 # ``int`` refuses more than 4,300 digits), and the signature as the unpadded base64url of an
@@ -86,19 +88,14 @@ class KeyringFile:
     rotate-link`` in another process takes effect here at the next link."""
 
     def __init__(self, keys_dir: Path) -> None:
-        self.path = keys_dir / KEYRING_FILE
         load_keyring(keys_dir)  # made on first use
-        self._seen: tuple[int, int, int] | None = None
-        self._keys: KeySet | None = None
+        self._file = WatchedFile(keys_dir / KEYRING_FILE, _key_set, _KEYRING_MAX_BYTES)
 
     def current(self) -> KeySet:
-        # The file is only ever replaced whole (_write), so a new keyring is a new inode:
-        # one stat per link tells whether it changed.
-        st = os.stat(self.path)
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._keys is None or seen != self._seen:
-            self._keys, self._seen = KeySet.of(_read(self.path)), seen
-        return self._keys
+        keys = self._file.current()
+        if keys is None:
+            raise FileNotFoundError(self._file.path)
+        return keys
 
 
 class LinkSigner:
@@ -197,8 +194,16 @@ def rotate_keyring(keys_dir: Path, grace_seconds: float, now: float | None = Non
 
 
 def _read(path: Path) -> list[LinkKey]:
-    entries = json.loads(path.read_text())["keys"]
+    return _keys(path.read_bytes())
+
+
+def _keys(text: bytes) -> list[LinkKey]:
+    entries = json.loads(text)["keys"]
     return [LinkKey(e["secret"].encode(), e["accept_until"]) for e in entries]
+
+
+def _key_set(text: bytes) -> KeySet:
+    return KeySet.of(_keys(text))
 
 
 def _write(path: Path, entries: list[dict[str, object]]) -> None:
