@@ -299,17 +299,15 @@ def rewrap_all(svc: Services, provider: KeyProvider,
                 # One key that cannot be unwrapped (its KEK gone, another provider's) does
                 # not stop the others; the run reports it and fails.
                 report.failed[str(raw["_id"])] = str(exc)
-                new = None
-            if new is None:
-                pass
-            elif new is old or new.key_id == old.key_id:
-                report.already_current += 1
-            # Only replace the exact key we read: a concurrent delete stays a delete.
-            elif col.update_one({"_id": raw["_id"], "wrapped_key": wrapped_doc},
-                                {"$set": {"wrapped_key": new.to_doc()}}).modified_count:
-                report.rewrapped += 1
             else:
-                report.changed += 1
+                if new is old or new.key_id == old.key_id:
+                    report.already_current += 1
+                # Only replace the exact key we read: a concurrent delete stays a delete.
+                elif col.update_one({"_id": raw["_id"], "wrapped_key": wrapped_doc},
+                                    {"$set": {"wrapped_key": new.to_doc()}}).modified_count:
+                    report.rewrapped += 1
+                else:
+                    report.changed += 1
         if progress is not None and (seen % 500 == 0 or seen == total):
             progress(seen, total)
     return report
