@@ -27,10 +27,14 @@ Layout of one backup
 
 A backup id is the UTC time the backup started plus a random suffix
 (``20261124T153012.345Z-1a2b3c4d``), so ids sort by time and never collide. The manifest
-(``format_version`` 1) lists every file with its size and the SHA-256 of its stored bytes,
+(``format_version`` 2) lists every file with its size and the SHA-256 of its stored bytes,
 the record count of each collection, the documents per status, the start and end times, the
 objects that vanished while the backup ran, and the key provider and key-encryption keys
-(KEKs) that wrap the documents' data keys.
+(KEKs) that wrap the documents' data keys. Its ``seal`` is an HMAC-SHA256 of the rest, under
+a key wrapped by the active KEK for this backup id (``docproc/backup/seal.py``): the
+checksums catch corruption, the seal a deliberate change to a file and its checksum alike.
+Verify reports, and restore refuses, a manifest whose seal does not hold, that lies in
+another backup's directory, or that has none (format 1; ``allow_unsealed`` restores it).
 
 Backups stay encrypted: objects are copied as the ciphertext they are, never decrypted.
 

@@ -24,6 +24,7 @@ from docproc.backup.manifest import (
 )
 from docproc.backup.progress import Progress, noop
 from docproc.backup.records import JSON, backed_up_collections
+from docproc.backup.seal import SEAL_FIELD, Sealer
 from docproc.backup.stores import HashingReader, Store, object_rel, open_store
 from docproc.runtime import Services
 from shared.blobstore import Area
@@ -49,6 +50,7 @@ def create_backup(svc: Services, dest: str, *, progress: Progress | None = None)
     started = datetime.now(UTC)
     backup_id = _new_backup_id(started)
     store = open_store(dest).sub(backup_id)
+    sealer = Sealer(svc.keys, backup_id)
     say(f"backup {backup_id} to {store.location}")
     files: list[FileEntry] = []
     counts: dict[str, int] = {}
@@ -122,8 +124,11 @@ def create_backup(svc: Services, dest: str, *, progress: Progress | None = None)
                 "efs_root": str(svc.settings.efs_root)},
         location=store.location,
     )
+    body = manifest.to_json()
+    body[SEAL_FIELD] = sealer.seal(body)
+    manifest.raw = body
     # Last: its presence is what marks the backup complete.
-    store.put_bytes(MANIFEST, json.dumps(manifest.to_json(), indent=1).encode("utf-8"))
+    store.put_bytes(MANIFEST, json.dumps(body, indent=1).encode("utf-8"))
     say(f"backup {backup_id} complete")
     return manifest
 

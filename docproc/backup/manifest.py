@@ -13,7 +13,8 @@ from docproc.backup.errors import BackupError
 from docproc.backup.stores import Store
 
 FORMAT: Final = "docproc-backup"
-FORMAT_VERSION: Final = 1
+# 2: the manifest carries a seal (docproc/backup/seal.py); 1 had none.
+FORMAT_VERSION: Final = 2
 # Export order matters for consistency: see the package docstring.
 COLLECTIONS: Final = ("documents", "users", "audit", "deliveries")
 MANIFEST: Final = "manifest.json"
@@ -48,6 +49,8 @@ class Manifest:
     source: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     location: str = ""  # where it was read from or written to; not stored in the file
+    # The file's JSON as read (or written, seal included): what the seal authenticates.
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def objects(self) -> list[FileEntry]:
@@ -105,6 +108,7 @@ class Manifest:
                 source={str(k): str(v) for k, v in data.get("source", {}).items()},
                 format_version=version,
                 location=location,
+                raw=data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BackupError(f"{location}: malformed {MANIFEST}: {exc!r}") from None
@@ -169,6 +173,7 @@ class VerifyReport:
     objects_sampled_out: int = 0  # objects only checked for presence and size
     missing_objects: list[str] = field(default_factory=list)  # known since the backup ran
     problems: list[Problem] = field(default_factory=list)
+    sealed: bool = False  # the manifest's seal held: no checksum in it was forged
 
     @property
     def ok(self) -> bool:
@@ -185,6 +190,8 @@ class VerifyReport:
             f"{self.objects_decrypted} objects decrypted and matched, "
             f"{self.objects_sampled_out} only checked for size",
         ]
+        if self.sealed:
+            lines.append("  the manifest's seal holds: its checksums are the backup's own")
         if self.missing_objects:
             lines.append(f"  {len(self.missing_objects)} object(s) were already missing when "
                          f"the backup ran: {', '.join(self.missing_objects)}")
@@ -205,6 +212,7 @@ class RestoreReport:
     missing_objects: list[str] = field(default_factory=list)
     still_processing: int = 0
     seconds: float = 0.0
+    unsealed: bool = False  # restored from a manifest without a seal, as asked
 
     def __str__(self) -> str:
         counts = ", ".join(f"{name} {n}" for name, n in self.collections.items())
@@ -219,6 +227,9 @@ class RestoreReport:
             lines.append(f"  WARNING   {len(self.missing_objects)} stored document(s) have no "
                          f"file (deleted while the backup ran): "
                          f"{', '.join(self.missing_objects)}")
+        if self.unsealed:
+            lines.append("  WARNING   the backup's manifest had no seal: nothing showed that "
+                         "its checksums were not changed")
         if self.still_processing:
             lines.append(f"  WARNING   {self.still_processing} document(s) were still "
                          "processing at backup time; their uploads are not in the backup")

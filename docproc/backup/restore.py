@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from pymongo.collection import Collection
 
+from docproc.backup import seal
 from docproc.backup.errors import BackupError, RestoreRefused
 from docproc.backup.manifest import COLLECTIONS, FileEntry, Manifest, RestoreReport, load_manifest
 from docproc.backup.progress import Progress, noop
@@ -26,24 +27,28 @@ _INSERT_BATCH: Final = 500
 _LINK_FIELDS: Final = ("download_url_enc", "download_url_expires")
 
 
-def restore_backup(svc: Services, src: str, *,
-                   progress: Progress | None = None) -> RestoreReport:
+def restore_backup(svc: Services, src: str, *, progress: Progress | None = None,
+                   allow_unsealed: bool = False) -> RestoreReport:
     """Restore the backup at ``src`` into the empty installation ``svc``.
 
-    Raises RestoreRefused, having written nothing, when the target is not empty or cannot
-    unwrap the backup's data keys; BackupError when a file fails its checksum (what was
-    written is removed again). See "Restore" and "Keys" in the package docstring.
+    Raises RestoreRefused, having written nothing, when the target is not empty, when the
+    manifest's seal does not hold (or it has none, unless ``allow_unsealed``: backups made
+    before manifests were sealed) or when the target cannot unwrap the backup's data keys;
+    BackupError when a file fails its checksum (what was written is removed again). See
+    "Restore" and "Keys" in the package docstring.
     """
     say = progress or noop
     began = time.monotonic()
     store = open_store(src)
     manifest = load_manifest(store)
+    unsealed = _require_seal(svc, store, manifest, allow_unsealed)
     _require_empty(svc)
     report = RestoreReport(manifest.backup_id, store.location, svc.settings.mongodb_database,
                            str(svc.settings.efs_root),
                            missing_objects=list(manifest.missing_objects),
                            still_processing=manifest.documents_by_status.get(
-                               Status.PROCESSING.value, 0))
+                               Status.PROCESSING.value, 0),
+                           unsealed=unsealed)
     listed = {f.path: f for f in manifest.files}
     objects = [f for f in manifest.files if f.path.startswith("efs/")]
     object_ids = [object_id(f.path) for f in objects]  # refuse odd paths before writing
@@ -82,6 +87,29 @@ def restore_backup(svc: Services, src: str, *,
     report.seconds = time.monotonic() - began
     say(f"restore of {manifest.backup_id} complete")
     return report
+
+
+def _require_seal(svc: Services, store: Store, manifest: Manifest,
+                  allow_unsealed: bool) -> bool:
+    """Refuse a manifest whose seal does not hold; True for an unsealed one let through."""
+    try:
+        seal.check(svc.keys, manifest.raw, manifest.backup_id, store.name)
+    except seal.Unsealed as exc:
+        if not allow_unsealed:
+            raise RestoreRefused(f"{store.location}: {exc}; nothing was restored (restore it "
+                                 "anyway with --allow-unsealed if you trust the copy)") from None
+        return True
+    except seal.KeyUnavailable as exc:
+        raise RestoreRefused(f"{store.location}: {exc}; {_key_hint(exc.provider)}") from None
+    except seal.SealError as exc:
+        raise RestoreRefused(f"{store.location}: {exc}; nothing was restored") from None
+    return False
+
+
+def _key_hint(provider: str) -> str:
+    return ("copy the original's keys directory (<data dir>/keys) into this installation's "
+            "data dir" if provider == "local" else
+            "give this installation kms:Decrypt on that KMS key")
 
 
 def _require_empty(svc: Services) -> None:
@@ -138,12 +166,10 @@ def _require_keys(svc: Services, documents: Path, manifest: Manifest) -> None:
             try:
                 svc.keys.unwrap(WrappedKey.from_doc(wrapped), {"document_id": str(record["_id"])})
             except KeyProviderError as exc:
-                hint = ("copy the original's keys directory (<data dir>/keys) into this "
-                        "installation's data dir" if use[0] == "local" else
-                        "give this installation kms:Decrypt on that KMS key")
                 raise RestoreRefused(
                     f"this installation ({svc.keys.name} key provider) cannot unwrap the "
-                    f"backup's data keys wrapped by KEK {use[1]} ({use[0]}): {exc}; {hint}"
+                    f"backup's data keys wrapped by KEK {use[1]} ({use[0]}): {exc}; "
+                    f"{_key_hint(use[0])}"
                 ) from None
 
 

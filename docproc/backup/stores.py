@@ -57,6 +57,11 @@ def _safe_rel(rel: str) -> str:
 class Store(ABC):
     location: str
 
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The last part of the location: a backup's id, for one backup's store."""
+
     @abstractmethod
     def sub(self, name: str) -> Store: ...
 
@@ -91,6 +96,10 @@ class _LocalStore(Store):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name  # "." or "backups/x/" name their directory too
 
     def sub(self, name: str) -> _LocalStore:
         return _LocalStore(self.root / _safe_rel(name))
@@ -169,6 +178,10 @@ class _S3Store(Store):
     def _key(self, rel: str) -> str:
         rel = _safe_rel(rel)
         return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    @property
+    def name(self) -> str:
+        return self.prefix.rsplit("/", 1)[-1]
 
     def sub(self, name: str) -> _S3Store:
         return _S3Store(self.client, self.bucket, self._key(name))

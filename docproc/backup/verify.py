@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from typing import Any, BinaryIO, cast
 
+from docproc.backup import seal
 from docproc.backup.errors import BackupError
 from docproc.backup.manifest import COLLECTIONS, MANIFEST, FileEntry, VerifyReport, load_manifest
 from docproc.backup.progress import Progress, noop
@@ -32,6 +33,12 @@ def verify_backup(svc: Services, src: str, *, sample: int | None = None,
     manifest = load_manifest(store)
     report = VerifyReport(manifest.backup_id, store.location, files_listed=len(manifest.files),
                           missing_objects=list(manifest.missing_objects))
+    try:
+        seal.check(svc.keys, manifest.raw, manifest.backup_id, store.name)
+        report.sealed = True
+    except seal.SealError as exc:
+        # The checks below still run: they tell corruption apart from a forged manifest.
+        report.problem(MANIFEST, str(exc))
     listed = {f.path: f for f in manifest.files}
     present = dict(store.walk())
     present.pop(MANIFEST, None)

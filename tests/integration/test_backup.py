@@ -156,6 +156,8 @@ def test_backup_verify_list_and_restore_into_a_fresh_installation(
 
         report = verify_backup(run.svc, manifest.location)
         assert report.ok, str(report)
+        assert report.sealed
+        assert "seal holds" in str(report)
         assert report.objects_decrypted == 2
         assert report.checksums_verified == len(manifest.files) == 6
 
@@ -178,7 +180,8 @@ def test_backup_verify_list_and_restore_into_a_fresh_installation(
     # On disk: the manifest is the file, the checksums hold, and nothing is plaintext.
     backup = Path(manifest.location)
     on_disk = json.loads((backup / "manifest.json").read_text())
-    assert on_disk["format_version"] == 1
+    assert on_disk["format_version"] == 2
+    assert on_disk["seal"]["key"]["key_id"] == key_id
     assert on_disk["backup_id"] == manifest.backup_id
     assert on_disk["keys"]["in_use"] == [{"provider": "local", "key_id": key_id,
                                           "documents": 3}]
@@ -201,6 +204,7 @@ def test_backup_verify_list_and_restore_into_a_fresh_installation(
             requests.Session() as http:
         assert fresh.svc.settings.efs_root != run.svc.settings.efs_root
         restored = restore_backup(fresh.svc, manifest.location)
+        assert not restored.unsealed
         assert restored.collections == manifest.collections
         assert restored.objects == 2
         assert restored.links_reset == 2  # the two stored documents had cached links
@@ -340,6 +344,88 @@ def test_tampered_backup_fails_verify_and_restore_naming_the_file(
             restore_backup(fresh.svc, manifest.location)
         assert all(rows == [] for rows in records(fresh.svc).values())
         assert not [p for p in Path(fresh.svc.blobs.root, "objects").rglob("*") if p.is_file()]
+
+
+def rewrite_manifest(backup: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = backup / "manifest.json"
+    body = json.loads(path.read_text())
+    change(body)
+    path.write_text(json.dumps(body, indent=1))
+
+
+def test_the_manifest_seal_catches_a_forged_checksum_a_swapped_or_an_unsealed_manifest(
+    service_settings: Callable[..., Settings], other_installation: MakeInstall, tmp_path: Path,
+) -> None:
+    """Whoever can write to the backup location can edit an export and its checksum alike;
+    only the seal, made with the installation's KEK, tells. Each forgery fails verify and
+    is refused by restore before anything is written."""
+    dest = tmp_path / "backups"
+    with serving(service_settings) as run, requests.Session() as http:
+        populate(run, http)
+        manifest = create_backup(run.svc, str(dest))
+        older = create_backup(run.svc, str(dest))
+        keys_dir = run.svc.settings.keys_dir
+        backup = Path(manifest.location)
+        pristine = (backup / "manifest.json").read_bytes()
+
+        # An edited export whose checksum in the manifest was edited to match.
+        export = backup / "mongo" / "users.jsonl"
+        export.write_bytes(export.read_bytes().replace(b"driver-1", b"driver-X"))
+        forged = hashlib.sha256(export.read_bytes()).hexdigest()
+
+        def forge(body: dict[str, Any]) -> None:
+            for entry in body["files"]:
+                if entry["path"] == "mongo/users.jsonl":
+                    entry["sha256"] = forged
+
+        rewrite_manifest(backup, forge)
+        report = verify_backup(run.svc, manifest.location)
+        assert not report.sealed
+        assert [(p.path, p.message) for p in report.problems] == [
+            ("manifest.json", "the manifest does not match its seal: it was changed after "
+                              "the backup was made")]
+        assert "FAILED" in str(report)
+        forged_manifest = (backup / "manifest.json").read_bytes()
+
+        # The seal kept, the rest of the manifest re-indented: still whole.
+        (backup / "manifest.json").write_text(json.dumps(json.loads(pristine)))
+        export.write_bytes(export.read_bytes().replace(b"driver-X", b"driver-1"))
+        assert verify_backup(run.svc, manifest.location).ok
+
+        # Another backup's manifest and files, copied in whole: authentic, but not this one.
+        swapped = tmp_path / "swapped" / manifest.backup_id
+        shutil.copytree(older.location, swapped)
+        problems = verify_backup(run.svc, str(swapped)).problems
+        assert [p.path for p in problems] == ["manifest.json"]
+        assert "a manifest copied over another backup's" in problems[0].message
+
+        # An unsealed manifest, as format 1 wrote them (or with its seal cut off).
+        unsealed = tmp_path / "unsealed" / manifest.backup_id
+        shutil.copytree(backup, unsealed)
+
+        def unseal(body: dict[str, Any]) -> None:
+            body["format_version"] = 1
+            del body["seal"]
+
+        rewrite_manifest(unsealed, unseal)
+        problems = verify_backup(run.svc, str(unsealed)).problems
+        assert [p.path for p in problems] == ["manifest.json"]
+        assert "the manifest is not sealed" in problems[0].message
+
+    with serving(service_settings, **other_installation(keys_from=keys_dir)) as fresh:
+        (backup / "manifest.json").write_bytes(forged_manifest)
+        for location, refusal in [(manifest.location, "does not match its seal"),
+                                  (str(swapped), "copied over another backup's"),
+                                  (str(unsealed), "--allow-unsealed")]:
+            with pytest.raises(RestoreRefused, match=refusal):
+                restore_backup(fresh.svc, location)
+            assert all(rows == [] for rows in records(fresh.svc).values())
+            assert not any(Path(fresh.svc.blobs.root, "objects").rglob("*"))
+        # An operator who trusts the copy may still restore a backup from before the seal.
+        restored = restore_backup(fresh.svc, str(unsealed), allow_unsealed=True)
+        assert restored.unsealed
+        assert "had no seal" in str(restored)
+        assert restored.collections == manifest.collections
 
 
 def test_an_interrupted_backup_is_listed_as_incomplete(
