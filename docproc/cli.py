@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 import sys
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, load_settings
@@ -214,14 +214,42 @@ def _progress(message: str) -> None:
 def _backup(args: argparse.Namespace) -> int:
     from docproc import backup
 
+    if args.action == "aws-plan":
+        return _aws_backup_plan(args)
+    if not args.location:
+        raise ConfigError(f"backup {args.action} needs a location: a directory or "
+                          "s3://bucket/prefix" + ("" if args.action in ("create", "list") else
+                                                  ", the one backup's that `list` shows"))
+    operational = _operational_errors()
+    try:
+        return _backup_action(backup, args)
+    except backup.BackupError as exc:
+        print(f"docproc: {exc}", file=sys.stderr)
+        return 1
+    except operational as exc:
+        # The database, the file system or S3 failed under the command: say which and what,
+        # without a traceback; a create leaves no manifest, so no backup is taken as complete.
+        print(f"docproc: backup {args.action} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _operational_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from pymongo.errors import PyMongoError
+
+    from shared.keys import KeyProviderError
+
+    return (PyMongoError, OSError, BotoCoreError, ClientError, KeyProviderError)
+
+
+def _backup_action(backup: ModuleType, args: argparse.Namespace) -> int:
     if args.action == "list":
         summaries = backup.list_backups(args.location)
         for summary in summaries:
             print(summary)
         print(f"{len(summaries)} backup(s) under {args.location}")
         return 0
-    if args.action == "aws-plan":
-        return _aws_backup_plan(args)
     svc = _services()
     try:
         if args.action == "create":
@@ -232,10 +260,8 @@ def _backup(args: argparse.Namespace) -> int:
             print(report)
             return 0 if report.ok else 1
         else:
-            print(backup.restore_backup(svc, args.location, progress=_progress))
-    except backup.BackupError as exc:
-        print(f"docproc: {exc}", file=sys.stderr)
-        return 1
+            print(backup.restore_backup(svc, args.location, progress=_progress,
+                                        allow_unsealed=args.allow_unsealed))
     finally:
         svc.close()
     return 0
@@ -371,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     backup.add_argument("location", nargs="?", default="",
                         help="a directory or s3://bucket/prefix (create, list), or one "
                              "backup's location (verify, restore)")
+    backup.add_argument("--allow-unsealed", action="store_true",
+                        help="restore: accept a manifest without a seal (backups made before "
+                             "docproc sealed them)")
     backup.add_argument("--sample", type=int, default=None,
                         help="verify: decrypt and check this many documents (default: all)")
     backup.add_argument("--vault", default="docproc", help="aws-plan: backup vault name")

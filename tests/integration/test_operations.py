@@ -291,3 +291,26 @@ def test_backup_commands(running: Running, http: requests.Session, tmp_path: Any
     # restoring over the live installation is refused: it is not empty
     assert main(["backup", "restore", location]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_backup_commands_say_what_went_wrong_without_a_traceback(
+        running: Running, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _env(monkeypatch, running.svc.settings)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    # No location: refused, rather than a backup written into the current directory.
+    for action in ("create", "list", "verify", "restore"):
+        assert main(["backup", action]) == 2
+        assert f"backup {action} needs a location" in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []
+
+    # The file system fails under the command: one line naming the error, exit 1.
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    assert main(["backup", "create", str(blocker / "backups")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("docproc: backup create failed: ")
+    assert "Traceback" not in err
+    assert "not-a-directory" in err
