@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import flask
 import functions_framework
 from cloudevents.http import CloudEvent
+from pymongo.errors import PyMongoError
 
 from docproc.health import add_to_flask
 from docproc.runtime import Services, as_http_status, services
@@ -141,7 +142,7 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
             failed.append(result.token)
             log.warning("push to a device of %s failed for good: %s", data.owner, result.error)
     if unregistered:
-        svc.users.remove_tokens(data.owner, unregistered)
+        _forget_tokens(svc, data.owner, unregistered)
     if later:
         svc.deliveries.mark_sent(key, sent)  # the retry only reaches the others
         hints = [r.retry_after for r in later if r.retry_after is not None]
@@ -155,6 +156,17 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
         "unregistered": len(unregistered),
         "failed": len(failed),
     }, sent
+
+
+def _forget_tokens(svc: Services, owner: str, tokens: list[str]) -> None:
+    """Best effort: failing here must not undo the sends above (the delivery would be
+    released with nothing marked sent, and its retry would push to those devices again).
+    A token left behind is reported unregistered again on the next push."""
+    try:
+        svc.users.remove_tokens(owner, tokens)
+    except PyMongoError as exc:
+        log.warning("could not remove %d unregistered device(s) of %s: %s", len(tokens), owner,
+                    describe(exc))
 
 
 def _message(token: str, data: DocumentStored | DocumentRejected) -> PushMessage:

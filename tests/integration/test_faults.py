@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pymongo
 import pytest
 import requests
 
@@ -286,3 +287,39 @@ def test_an_idle_worker_stops_at_once_on_sigterm(service_settings: Callable[...,
         time.sleep(1.0)  # idle: nothing to consume
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+def test_a_failure_removing_dead_tokens_does_not_push_twice_to_the_others(
+    service_settings: Callable[..., Settings], fcm: FcmStub, http: requests.Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database fails just as the tokens FCM calls unregistered are dropped: the pushes
+    that went out stay recorded, and nothing is sent to those devices again."""
+    with serving(service_settings, retry_delays=(0.2, 1.0, 2.0)) as run:
+        for phone in ("phone-a", "phone-b", "phone-gone"):
+            register_device(http, run.base_url, phone)
+        fcm.unregister("phone-gone")
+
+        def database_fails(*_args: Any) -> int:
+            raise pymongo.errors.AutoReconnect("connection closed")
+
+        monkeypatch.setattr(run.svc.users, "remove_tokens", database_fails)
+        doc_id = upload(http, run.base_url, samples.pdf(), "application/pdf").json()["id"]
+        wait_for(lambda: (run.svc.deliveries.get(f"{doc_id}.stored") or {}).get("state")
+                 == "completed", what="the delivery")
+        time.sleep(1.0)  # time for a retry to push again, if one were coming
+        assert [len(fcm.messages_for(p)) for p in ("phone-a", "phone-b")] == [1, 1]
+        delivery = run.svc.deliveries.get(f"{doc_id}.stored")
+        assert delivery is not None
+        assert (delivery["attempts"], delivery["outcome"]["unregistered"]) == (1, 1)
+        # Left for the next push, which reports it unregistered again.
+        monkeypatch.undo()
+        second = upload(http, run.base_url, samples.pdf(samples.marker()), "application/pdf")
+        assert settled(http, run.base_url, second.json()["id"])["status"] == "stored"
+
+
+        def tokens() -> list[str]:
+            user = run.svc.users.get("driver-1")
+            return [d.token for d in user.devices] if user else []
+
+        wait_for(lambda: tokens() == ["phone-a", "phone-b"], what="the dead token dropped")
