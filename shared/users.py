@@ -139,12 +139,15 @@ class UserRepository:
         users = [User.model_validate(r) for r in raw[:limit]]
         return users, encode_cursor(users[-1].id) if len(raw) > limit else None
 
-    def add_device(self, identity: Identity, token: str, platform: Platform) -> bool:
-        """Register a token; repeating it only refreshes last_seen. True when it was new."""
-        self.provision(identity)
+    def add_device(self, user_id: str, token: str, platform: Platform) -> bool:
+        """Register a token on an existing user; repeating it only refreshes last_seen. True
+        when it was new.
+
+        Takes the id alone: the caller's identity is the effective one (a role limit
+        applied), and provisioning from it would overwrite the Kong group on record."""
         now = utcnow()
         refreshed = self.col.update_one(
-            {"_id": identity.user_id, "devices.token": token},
+            {"_id": user_id, "devices.token": token},
             {"$set": {"devices.$.last_seen": now, "devices.$.platform": platform}},
         )
         added = False
@@ -152,16 +155,16 @@ class UserRepository:
             device = {"id": device_id(token), "token": token, "platform": platform,
                       "added_at": now, "last_seen": now}
             result = self.col.update_one(
-                {"_id": identity.user_id, "devices.token": {"$ne": token}},
+                {"_id": user_id, "devices.token": {"$ne": token}},
                 {"$push": {"devices": device}},
             )
             added = result.modified_count == 1
-        self.cache.invalidate(_key(identity.user_id))
+        self.cache.invalidate(_key(user_id))
         # A token reaches one phone: registered here, it is no longer any other user's (a
         # phone passed on, or signed into another account), whose pushes would otherwise
         # keep arriving on it. After the push, so that two at once leave it to at most one.
         others = [raw["_id"] for raw in self.col.find(
-            {"devices.token": token, "_id": {"$ne": identity.user_id}}, {"_id": 1})]
+            {"devices.token": token, "_id": {"$ne": user_id}}, {"_id": 1})]
         if others:
             self.col.update_many({"_id": {"$in": others}},
                                  {"$pull": {"devices": {"token": token}}})

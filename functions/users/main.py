@@ -54,7 +54,7 @@ def me(svc: Services, request: Request) -> Response:
 def add_device(svc: Services, request: Request) -> Response:
     ident = authenticate(svc.users, request.headers)
     reg = parse_body(request, DeviceRegistration)
-    added = svc.users.add_device(ident, reg.token, reg.platform)
+    added = svc.users.add_device(ident.user_id, reg.token, reg.platform)
     body = DeviceRegistered(id=device_id(reg.token), platform=reg.platform, registered=True)
     return json_response(body.model_dump(), 201 if added else 200)
 

@@ -16,7 +16,16 @@ from shared.blobstore import Area
 from shared.config import Settings
 from tests import samples
 from tests.conftest import Running, serving
-from tests.helpers import AGENT, DRIVER, OTHER_DRIVER, kong, settled, upload, wait_for
+from tests.helpers import (
+    AGENT,
+    DRIVER,
+    OTHER_DRIVER,
+    kong,
+    register_device,
+    settled,
+    upload,
+    wait_for,
+)
 
 pytestmark = pytest.mark.services
 
@@ -268,6 +277,12 @@ def test_an_agent_restricted_to_driver_rights_loses_the_agent_view(
     assert resp.json()["role"] == "driver"
     assert resp.json()["kong_role"] == "agent"
     assert http.get(run.url("/v1/users"), headers=second_agent).status_code == 403
+    # Registering a phone with driver rights leaves the Kong group on record as it is.
+    register_device(http, run.base_url, "agent-2-phone", headers=second_agent)
+    seen = http.get(run.url("/v1/users/agent-2"), headers=AGENT).json()
+    assert (seen["role"], seen["kong_role"], len(seen["devices"])) == ("driver", "agent", 1)
+    agents = http.get(run.url("/v1/users?role=agent"), headers=AGENT).json()["items"]
+    assert "agent-2" in [u["id"] for u in agents]
     # nobody is raised above their Kong group
     http.get(run.url("/v1/users/me"), headers=DRIVER)
     raised = http.patch(run.url("/v1/users/driver-1"), json={"role": "agent"}, headers=AGENT)

@@ -55,7 +55,7 @@ def test_lookups_are_served_from_redis_and_invalidated_on_write(db: Any) -> None
     assert user.status == "active"
 
     # A write through the repository invalidates the entry; the next read is fresh.
-    users.add_device(DRIVER, "tok-1", "web")
+    users.add_device(DRIVER.user_id, "tok-1", "web")
     assert raw.get(key) == b"\x00invalidated"
     fresh = users.get(DRIVER.user_id)
     assert fresh is not None
@@ -74,7 +74,7 @@ def test_redis_outage_degrades_to_mongodb_reads(db: Any) -> None:
     # Nothing listens on port 1: every cache call fails fast and falls through.
     users = UserRepository(database, RedisCache("redis://127.0.0.1:1/0", "x:"))
     users.provision(DRIVER)
-    assert users.add_device(DRIVER, "tok-2", "android")
+    assert users.add_device(DRIVER.user_id, "tok-2", "android")
     user = users.get(DRIVER.user_id)
     assert user is not None
     assert [d.token for d in user.devices] == ["tok-2"]
@@ -116,9 +116,11 @@ def test_a_device_token_belongs_to_the_last_user_who_registered_it(db: Any) -> N
     database, settings = db
     users = UserRepository(database, RedisCache(settings.redis_url, settings.redis_prefix))
     first, second = Identity("driver-8", "driver"), Identity("driver-9", "driver")
-    assert users.add_device(first, "passed-on-phone", "android")
+    users.provision(first)
+    users.provision(second)
+    assert users.add_device(first.user_id, "passed-on-phone", "android")
     assert users.get(first.user_id).devices[0].token == "passed-on-phone"  # type: ignore[union-attr]
-    assert users.add_device(second, "passed-on-phone", "android")
+    assert users.add_device(second.user_id, "passed-on-phone", "android")
     assert users.get(first.user_id).devices == []  # type: ignore[union-attr]
     assert [d.token for d in users.get(second.user_id).devices] == ["passed-on-phone"]  # type: ignore[union-attr]
     assert database["users"].count_documents({"devices.token": "passed-on-phone"}) == 1
