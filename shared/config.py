@@ -10,6 +10,7 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +24,7 @@ DEFAULT_ALLOWED_TYPES = (
 )
 DEFAULT_PORT = 8080
 MIB = 1024 * 1024
+MAX_RETRY_DELAY = 24 * 3600.0
 
 
 class ConfigError(Exception):
@@ -33,6 +35,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="", case_sensitive=False, extra="ignore", frozen=True,
         populate_by_name=True,
+        # "inf" or "nan" for a number of seconds fails later, far from the setting (a
+        # thread's wait overflows, a queue's TTL cannot be computed).
+        allow_inf_nan=False,
     )
 
     amqp_url: str | None = Field(default=None, validation_alias="AMQP_URL")
@@ -100,7 +105,10 @@ class Settings(BaseSettings):
     # runner, events/runner.py); 1 hands them over one at a time. 8 took 6% fewer database
     # operations per small document than 4 at full rate (bench/README.md, Finding 43).
     worker_batch: int = Field(default=8, ge=1, le=64, validation_alias="DOCPROC_WORKER_BATCH")
-    event_source: str = Field(default="/docproc", validation_alias="DOCPROC_EVENT_SOURCE")
+    # A CloudEvents source is a non-empty URI-reference: without one every event this
+    # installation sends is malformed to its consumers.
+    event_source: str = Field(default="/docproc", pattern=r"^\S+$",
+                              validation_alias="DOCPROC_EVENT_SOURCE")
 
     @field_validator("allowed_types", mode="before")
     @classmethod
@@ -123,9 +131,18 @@ class Settings(BaseSettings):
                 delays = tuple(float(v) for v in value.split(",") if v.strip())
             except ValueError as exc:
                 raise ValueError("must be comma-separated seconds, e.g. 1,5,30") from exc
-            if any(d < 0 for d in delays):
-                raise ValueError("delays must not be negative")
             return delays
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _delays_in_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        # Empty would dead-letter every failure at once; each delay is a RabbitMQ holding
+        # queue's message TTL.
+        if not value:
+            raise ValueError("must list at least one delay, e.g. 1,5,30")
+        if any(not 0 <= d <= MAX_RETRY_DELAY for d in value):
+            raise ValueError(f"each delay must be 0 to {MAX_RETRY_DELAY:g} seconds")
         return value
 
     @field_validator("amqp_url", "mongodb_uri", "redis_url", "kms_key_id", "k_sink", "link_key",
@@ -170,11 +187,21 @@ class Settings(BaseSettings):
     @field_validator("public_url_override", "fcm_endpoint", "k_sink")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            if not value.startswith(("http://", "https://")):
-                raise ValueError("must be an http:// or https:// URL")
-            return value.rstrip("/")
-        return value
+        if value is None:
+            return value
+        bad = ValueError("must be an http:// or https:// URL with a host, "
+                         "e.g. https://docs.example.com")
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # raises for a port that is not a number or out of range
+        except ValueError:
+            raise bad from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+            raise bad
+        # Links and endpoint paths are appended to it: a query or fragment would swallow them.
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            raise ValueError("must have no query (?) or fragment (#)")
+        return value.rstrip("/")
 
     @field_validator("firebase_credentials")
     @classmethod
