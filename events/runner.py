@@ -5,7 +5,8 @@ hand their outcome back to the connection thread (``add_callback_threadsafe``), 
 message is acked, or re-published to a delay queue (retry with backoff) or to the
 dead-letter queue, each publish confirmed by the broker before the original is acked. A
 crash at any point leaves the message unacked, so the broker redelivers it: delivery is at
-least once and handlers are idempotent.
+least once and handlers are idempotent. A wait longer than the longest delay queue (a
+server's Retry-After) is made of several rounds of it (``DUE_HEADER``).
 
 Messages that arrive while every handler thread is busy wait in the process (the prefetch
 allows ``concurrency * batch_size``), and a thread that frees up takes up to ``batch_size``
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 ATTEMPT_HEADER = "x-docproc-attempt"
 ERROR_HEADER = "x-docproc-last-error"
 DEAD_REASON_HEADER = "x-docproc-dead-letter-reason"
+# When a failure asks for a longer wait than the longest holding queue (FCM's Retry-After, a
+# delivery lease still held), the event carries the time it is due, in milliseconds since
+# the epoch (AMQP tables carry no floats). Back early, it goes to a holding queue again
+# without reaching its handler or spending an attempt: otherwise the wait would be cut
+# short, and the attempts run out while the other side still says "not yet".
+DUE_HEADER = "x-docproc-due-ms"
 RECONNECT_DELAY = 2.0
 # How soon the consume loop notices stop() when no message arrives.
 STOP_CHECK_SECONDS = 0.2
@@ -51,6 +58,20 @@ class _Message:
     tag: int
     props: pika.BasicProperties
     body: bytes
+
+
+class _NotYetDue(Exception):
+    """The outcome of a message that came back before it was due: held again, unhandled."""
+
+    def __init__(self, due: float) -> None:
+        super().__init__(f"due at {due:.3f}")
+        self.due = due
+
+
+def _due(props: pika.BasicProperties) -> float | None:
+    """When the message is due, in seconds since the epoch; None: at once."""
+    value = (props.headers or {}).get(DUE_HEADER)
+    return value / 1000 if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -187,7 +208,12 @@ class RabbitRunner:
         outcomes: list[BaseException | None] = [None] * len(batch)
         events: list[CloudEvent] = []
         at: list[int] = []
+        now = time.time()
         for i, message in enumerate(batch):
+            due = _due(message.props)
+            if due is not None and due > now:
+                outcomes[i] = _NotYetDue(due)
+                continue
             try:
                 events.append(amqp_codec.decode(message.props, message.body))
                 at.append(i)
@@ -208,7 +234,7 @@ class RabbitRunner:
                 except Exception as exc:
                     outcomes[i] = exc
         for message, error in zip(batch, outcomes, strict=True):
-            if error is not None:
+            if error is not None and not isinstance(error, _NotYetDue):
                 log.warning("%s: handler failed for message %s: %s",
                             self.sub.name, message.props.message_id, describe(error))
         log.debug("%s: handled %d message(s) in %.3fs", self.sub.name, len(batch),
@@ -229,12 +255,18 @@ class RabbitRunner:
             chan.basic_ack(tag)
             HANDLED.labels(self.sub.name, "ok").inc()
             return
-        HANDLED.labels(self.sub.name, "failed").inc()
         headers = dict(props.headers or {})
+        if isinstance(error, _NotYetDue):
+            target = topology.retry_queue(self.prefix, self.sub.name,
+                                          self.policy.queue_delay(error.due - time.time()))
+            self._republish(chan, tag, props, body, headers, target)
+            return
+        HANDLED.labels(self.sub.name, "failed").inc()
         attempt = int(headers.get(ATTEMPT_HEADER, 1))
         delay = self.policy.delay_after(attempt, error)
         headers[ATTEMPT_HEADER] = attempt + 1
         headers[ERROR_HEADER] = describe(error)
+        headers.pop(DUE_HEADER, None)
         if delay is None:
             headers[ATTEMPT_HEADER] = attempt
             headers[DEAD_REASON_HEADER] = describe(error)
@@ -243,9 +275,15 @@ class RabbitRunner:
             log.error("%s: dead-lettering message %s after %d attempt(s): %s",
                       self.sub.name, props.message_id, attempt, describe(error))
         else:
-            target = topology.retry_queue(self.prefix, self.sub.name,
-                                          self.policy.queue_delay(delay))
+            held = self.policy.queue_delay(delay)
+            if delay > held:
+                headers[DUE_HEADER] = int((time.time() + delay) * 1000)
+            target = topology.retry_queue(self.prefix, self.sub.name, held)
             RETRIES.labels(self.sub.name).inc()
+        self._republish(chan, tag, props, body, headers, target)
+
+    def _republish(self, chan: Any, tag: int, props: pika.BasicProperties, body: bytes,
+                   headers: dict[str, Any], target: str) -> None:
         new_props = pika.BasicProperties(
             content_type=props.content_type,
             delivery_mode=pika.DeliveryMode.Persistent,

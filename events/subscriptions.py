@@ -15,6 +15,8 @@ from events.catalog import DOCUMENT_REJECTED, DOCUMENT_STORED, DOCUMENT_UPLOADED
 from events.cloudevent import MalformedEvent
 
 Handler = Callable[[CloudEvent], None]
+# The longest a server's hint (Retry-After) may hold an event back before its next attempt.
+MAX_HINTED_DELAY = 3600.0
 # Several events in one call, each with its own outcome (None: handled; an exception: that
 # event alone is retried or dead-lettered), as AWS Powertools' batch processing reports
 # partial failures. The handler's database round trips are then shared by the batch.
@@ -54,7 +56,9 @@ class RetryPolicy:
             return None
         hint = getattr(error, "retry_after", None)
         base = self.delays[attempt - 1]
-        return max(base, float(hint)) if isinstance(hint, int | float) else base
+        if not isinstance(hint, int | float) or hint != hint:  # NaN is no hint
+            return base
+        return max(base, min(float(hint), MAX_HINTED_DELAY))
 
     def queue_delay(self, delay: float) -> float:
         """The configured delay (one RabbitMQ holding queue each) that honours ``delay``."""

@@ -323,3 +323,27 @@ def test_a_failure_removing_dead_tokens_does_not_push_twice_to_the_others(
             return [d.token for d in user.devices] if user else []
 
         wait_for(lambda: tokens() == ["phone-a", "phone-b"], what="the dead token dropped")
+
+
+def test_a_retry_after_longer_than_every_holding_queue_is_waited_out_in_full(
+    service_settings: Callable[..., Settings], fcm: FcmStub, http: requests.Session,
+) -> None:
+    """FCM asks for more time than the longest retry queue holds an event: the event goes
+    round that queue again, unhandled, until it is due, and the hops spend no attempts
+    (before, each hop was an attempt, and the push was dead-lettered while FCM still said
+    "not yet")."""
+    with serving(service_settings, retry_delays=(0.2, 0.4)) as run:
+        register_device(http, run.base_url, "patient-phone")
+        fcm.fail_next(1, 429, retry_after=3)
+        started = time.monotonic()
+        doc_id = upload(http, run.base_url, samples.pdf(), "application/pdf").json()["id"]
+        wait_for(lambda: fcm.messages_for("patient-phone"), timeout=30, what="the push")
+        assert time.monotonic() - started >= 3.0
+        wait_for(lambda: (run.svc.deliveries.get(f"{doc_id}.stored") or {}).get("state")
+                 == "completed", what="the delivery")
+        time.sleep(0.5)
+        assert len(fcm.messages_for("patient-phone")) == 1
+        delivery = run.svc.deliveries.get(f"{doc_id}.stored")
+        assert delivery is not None
+        assert delivery["attempts"] == 2  # the throttled one and the one after the wait
+        assert dead_letters(run.svc).list("notification") == []
