@@ -32,6 +32,7 @@ import contextlib
 import email.utils
 import fcntl
 import json
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -64,11 +65,14 @@ DEFAULT_FCM_ENDPOINT = "https://fcm.googleapis.com"
 # firebase-admin starts one thread per message in send_each (max 500 per call); keep the
 # fan-out bounded.
 _SEND_BATCH = 100
-_HTTP_TIMEOUT_SECONDS = 30.0
-# The longest a send of up to _SEND_BATCH messages takes to answer or give up: one request
-# timing out and its one read retry (the status retries follow quick answers, the backoff
-# sleeps under a second), the messages of a batch going out side by side.
-_FCM_SEND_WORST_SECONDS = 2 * _HTTP_TIMEOUT_SECONDS + 5.0
+# requests applies it to the connect and to each read: FCM answers in well under a second,
+# and a delivery's lease must outlast the worst case below.
+_HTTP_TIMEOUT_SECONDS = 15.0
+# The most tries of one request: the retry policy's total (below) plus the first.
+_FCM_TRIES = 3
+# The longest a send of up to _SEND_BATCH messages (side by side) takes to answer or give
+# up: every try connecting and reading to the timeout, plus the backoff sleeps (< 2.5 s).
+_FCM_BATCH_WORST_SECONDS = _FCM_TRIES * 2 * _HTTP_TIMEOUT_SECONDS + 5.0
 _POOL_SIZE = 100  # same pool size firebase-admin mounts for fcm.googleapis.com
 
 
@@ -92,9 +96,8 @@ class PushResult:
 
 
 class PushSender(Protocol):
-    @property
-    def worst_case_seconds(self) -> float:
-        """The longest one ``send`` of a user's messages takes to answer or give up (a
+    def worst_case_seconds(self, count: int) -> float:
+        """The longest one ``send`` of ``count`` messages takes to answer or give up (a
         delivery's lease must outlast it)."""
         ...
 
@@ -118,6 +121,7 @@ class _NoSleepOnRetryAfter(Retry):
 
 
 _FCM_HTTP_RETRY = _NoSleepOnRetryAfter(
+    total=_FCM_TRIES - 1,  # whatever the mix of connect, read and status errors
     connect=1,
     read=1,
     status=2,
@@ -258,9 +262,9 @@ class FcmSender:
     def app_name(self) -> str:
         return self._app_name
 
-    @property
-    def worst_case_seconds(self) -> float:
-        return _FCM_SEND_WORST_SECONDS
+    def worst_case_seconds(self, count: int) -> float:
+        # send() goes through its batches one after another.
+        return max(1, math.ceil(count / _SEND_BATCH)) * _FCM_BATCH_WORST_SECONDS
 
     def _configure_messaging_service(self) -> None:
         # The service is created lazily and cached per App; later
@@ -361,8 +365,7 @@ class OutboxSender:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    @property
-    def worst_case_seconds(self) -> float:
+    def worst_case_seconds(self, count: int) -> float:
         return 5.0  # a lock, a write and an fsync of a local file
 
     def send(self, messages: Sequence[PushMessage]) -> list[PushResult]:

@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_SECONDS = 30.0
 
 
-def lease_seconds(svc: Services) -> float:
-    return svc.push.worst_case_seconds + LEASE_MARGIN_SECONDS
+def lease_seconds(svc: Services, messages: int = 1) -> float:
+    """A claim's lease: long enough for a send of ``messages`` (a user's devices are few,
+    ``shared.users.MAX_DEVICES``; the claim is taken before they are known, and renewed to fit)."""
+    return svc.push.worst_case_seconds(messages) + LEASE_MARGIN_SECONDS
 
 
 class PushNotDelivered(Exception):
@@ -124,7 +126,8 @@ def _deliver(svc: Services, key: str, data: DocumentStored | DocumentRejected,
     if messages:
         # The batch's claims were taken together; this send must not outlive its lease, or
         # a redelivery could take the delivery over and send beside it.
-        svc.deliveries.hold(delivery, lease_seconds(svc), svc.push.worst_case_seconds)
+        svc.deliveries.hold(delivery, lease_seconds(svc, len(messages)),
+                            svc.push.worst_case_seconds(len(messages)))
     results = svc.push.send(messages) if messages else []
     sent: list[tuple[str, str | None]] = []
     unregistered: list[str] = []

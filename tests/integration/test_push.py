@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import multiprocessing
 import socket
@@ -224,6 +225,52 @@ def test_token_endpoint_down_is_retry(tmp_path: Path) -> None:
     with FcmSender(path, endpoint=endpoint) as fcm:
         results = fcm.send([_msg("tok-a"), _msg("tok-b")])
     assert [r.outcome for r in results] == ["retry", "retry"]
+
+
+class _DropsThenUnavailable(http.server.BaseHTTPRequestHandler):
+    """An FCM host whose first answer is lost (the connection closes unanswered) and which
+    then answers 503: a read retry and status retries, counted together."""
+
+    attempts = 0
+
+    def do_POST(self) -> None:
+        type(self).attempts += 1
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if type(self).attempts == 1:
+            self.close_connection = True
+            return
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_request_is_tried_at_most_three_times_whatever_fails(
+    stub: FcmStub, service_account: Path,
+) -> None:
+    """A delivery's lease is sized by the tries one send can make: each kind of error had its
+    own count, so a lost answer followed by 503s made four tries where three were allowed
+    for."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DropsThenUnavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with FcmSender(service_account,
+                       endpoint=f"http://127.0.0.1:{server.server_address[1]}") as fcm:
+            [result] = fcm.send([_msg("tok-a")])
+            worst_one, worst_batches = fcm.worst_case_seconds(1), fcm.worst_case_seconds(230)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.outcome == "retry"
+    assert _DropsThenUnavailable.attempts == 3
+    # Three tries, each connecting and reading up to the client's timeout; 230 messages go
+    # out in three sends of up to 100, one after another.
+    assert worst_one >= 3 * 2 * 15.0
+    assert worst_batches == 3 * worst_one
 
 
 def test_empty_send(sender: FcmSender) -> None:
