@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from events.catalog import MODELS, dataschema
 from shared import schemas as s
+from shared.users import MAX_DEVICES
 
 REF = "#/components/schemas/{model}"
 _MODELS: list[type[BaseModel]] = [
@@ -162,6 +163,8 @@ def _operations() -> dict[str, dict[str, Any]]:
         },
         "/v1/users/me/devices": {
             "post": {"operationId": "registerDevice", "summary": "Register an FCM token",
+                     "description": f"At most {MAX_DEVICES} devices per user: registering "
+                                    "another drops the least recently seen.",
                      "requestBody": {"required": True, "content": {
                          "application/json": {"schema": _ref(s.DeviceRegistration)}}},
                      "responses": {"201": _json(s.DeviceRegistered, "registered"),

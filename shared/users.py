@@ -24,6 +24,8 @@ USER_CACHE_TTL = 300.0
 # database they share, no Redis): their invalidations never reach it, so it may only hold
 # a user this long past a change made elsewhere.
 LOCAL_USER_CACHE_TTL = 5.0
+# A user's phones and browsers; one more registered drops the least recently seen.
+MAX_DEVICES = 10
 _RANK = {"driver": 0, "agent": 1}
 
 
@@ -154,9 +156,12 @@ class UserRepository:
         if refreshed.matched_count == 0:
             device = {"id": device_id(token), "token": token, "platform": platform,
                       "added_at": now, "last_seen": now}
+            # Beyond MAX_DEVICES the least recently seen goes: FCM tokens are replaced
+            # over time, and every push of a user's is one send to each device on record.
             result = self.col.update_one(
                 {"_id": user_id, "devices.token": {"$ne": token}},
-                {"$push": {"devices": device}},
+                {"$push": {"devices": {"$each": [device], "$sort": {"last_seen": 1},
+                                       "$slice": -MAX_DEVICES}}},
             )
             added = result.modified_count == 1
         self.cache.invalidate(_key(user_id))

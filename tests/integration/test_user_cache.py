@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import redis
 from shared.cache import Cache, MemoryCache, RedisCache
 from shared.config import Settings
 from shared.identity import Identity
-from shared.users import UserRepository
+from shared.users import MAX_DEVICES, UserRepository
 
 pytestmark = pytest.mark.services
 DRIVER = Identity("driver-7", "driver")
@@ -145,3 +146,21 @@ def test_a_process_local_cache_beside_other_processes_keeps_users_briefly(
             assert svc.users.ttl == ttl
         finally:
             svc.close()
+
+
+def test_a_user_keeps_the_ten_most_recently_seen_devices(db: Any) -> None:
+    """FCM tokens are replaced over time and each push goes to every device on record: a
+    new one beyond ten drops the one least recently seen, not the oldest registered."""
+    database, settings = db
+    users = UserRepository(database, RedisCache(settings.redis_url, settings.redis_prefix))
+    users.provision(DRIVER)
+    for i in range(MAX_DEVICES):
+        assert users.add_device(DRIVER.user_id, f"phone-{i}", "android")
+        time.sleep(0.002)  # last_seen is stored to the millisecond: no ties
+    assert not users.add_device(DRIVER.user_id, "phone-0", "android")  # seen again
+    assert users.add_device(DRIVER.user_id, "phone-new", "ios")
+    user = users.get(DRIVER.user_id)
+    assert user is not None
+    tokens = {d.token for d in user.devices}
+    assert len(tokens) == MAX_DEVICES == 10
+    assert tokens == {"phone-0", "phone-new"} | {f"phone-{i}" for i in range(2, MAX_DEVICES)}
