@@ -225,6 +225,7 @@ def unknown_fields(value: Any, schema: Obj, path: str = "") -> Iterator[str]:
 # Knative's RevisionSpec is a Kubernetes PodSpec plus these; the CRD leaves some PodSpec
 # parts free-form (volumes' emptyDir, persistentVolumeClaim), so the pod template is also
 # checked as the Pod it becomes.
+PROBE_THREADS = 2
 KNATIVE_REVISION_FIELDS = ("containerConcurrency", "timeoutSeconds",
                            "responseStartTimeoutSeconds", "idleTimeoutSeconds")
 
@@ -447,14 +448,23 @@ def service_problems(objs: list[Obj], svc: Obj) -> list[str]:
         problems.append(f"min-scale {low} / max-scale {high}")
     if invoke == "http" and low < 1:
         problems.append("an HTTP function must stay warm (min-scale >= 1)")
-    if invoke == "cloudevent" and low != 0:
+    if svc["metadata"]["name"] == "docproc-dead-letters":
+        # eventing-rabbitmq acks a dead letter its sink did not take (issue 1385): the sink
+        # must be up when one comes, not starting from zero.
+        if low < 1:
+            problems.append("the dead-letter sink must stay warm (min-scale >= 1)")
+    elif invoke == "cloudevent" and low != 0:
         problems.append("an event function scales to zero (min-scale 0)")
     concurrency = spec.get("containerConcurrency")
     if not isinstance(concurrency, int) or concurrency < 1:
         problems.append(f"containerConcurrency {concurrency!r} is not a positive limit")
     else:
-        if env.get("THREADS") != str(concurrency):
-            problems.append("gunicorn THREADS differs from containerConcurrency")
+        # Knative's queue-proxy admits containerConcurrency requests; the kubelet's probes
+        # come besides them, and with no thread left a slow upload would fail the liveness
+        # probe and restart the pod under every request it held.
+        if env.get("THREADS") != str(concurrency + PROBE_THREADS):
+            problems.append(f"gunicorn THREADS is not containerConcurrency + {PROBE_THREADS} "
+                            "(threads for the probes)")
         if (notes.get("autoscaling.knative.dev/metric") == "concurrency"
                 and int(notes.get("autoscaling.knative.dev/target", "0")) > concurrency):
             problems.append("autoscaling target above containerConcurrency")
