@@ -695,7 +695,14 @@ def test_every_route_is_rate_limited_in_redis() -> None:
         assert limits.policy == "redis", route.name
         assert limits.redis.host, route.name
         assert limits.redis.port, route.name
-        assert limits.redis.password is None or VAULT_REFERENCE.fullmatch(limits.redis.password)
+        # The installation's Redis is ElastiCache with TLS and an auth token (the functions'
+        # REDIS_URL is rediss://:<token>@...): without them Kong's fault-tolerant limits
+        # would quietly count nothing.
+        assert (limits.redis.ssl, limits.redis.ssl_verify) == (True, True), route.name
+        assert limits.redis.server_name == limits.redis.host, route.name
+        assert limits.redis.password is not None, route.name
+        assert VAULT_REFERENCE.fullmatch(limits.redis.password), route.name
+        assert not limits.redis.host.endswith(".svc.cluster.local"), route.name
         public = "jwt" not in route.plugins
         assert limits.limit_by == ("ip" if public else "consumer"), route.name
 
@@ -875,6 +882,47 @@ def test_one_service_per_http_function_at_its_knative_service() -> None:
         func = yaml.safe_load((ROOT / "functions" / fn.name / "func.yaml").read_text())
         assert func["name"] == service["name"]  # the Knative Service's name
     assert len(namespaces) == 1
+
+
+SLOTS = ("odd", "even")
+_SERVICE_SELECTOR = re.compile(r"\$\.\.services\[\?\(@\.name=='(?P<name>[a-z-]+)'\)\]")
+
+
+def _patched(slot: str) -> dict[str, Any]:
+    """kong.yaml with kong/slots/<slot>.yaml applied as `deck file patch` would: each
+    selector picks a service by name, and its values overwrite that service's fields."""
+    patch = _load(ROOT / "kong" / "slots" / f"{slot}.yaml")
+    assert set(patch) == {"_format_version", "patches"}
+    assert patch["_format_version"] == "1.0"
+    doc = _kong()
+    services = {s["name"]: s for s in doc["services"]}
+    for entry in patch["patches"]:
+        assert set(entry) == {"selectors", "values"}
+        for selector in entry["selectors"]:
+            match = _SERVICE_SELECTOR.fullmatch(selector)
+            assert match is not None, selector
+            services[match["name"]].update(entry["values"])
+    return doc
+
+
+@pytest.mark.parametrize("slot", SLOTS)
+def test_each_slot_proxies_to_its_own_namespace_and_changes_nothing_else(slot: str) -> None:
+    """Every slot's Kong sends each route to that slot's Knative Service: the base file's
+    namespace exists in neither slot, so applied alone every route would answer 503."""
+    overlay = yaml.safe_load((ROOT / "knative" / "overlays" / slot / "kustomization.yaml")
+                             .read_text())
+    doc = _patched(slot)
+    jsonschema.Draft4Validator(SCHEMA).validate(doc)
+    base = _kong()
+    for service, before in zip(doc["services"], base["services"], strict=True):
+        match = KNATIVE_HOST.fullmatch(service["host"])
+        assert match is not None, service["host"]
+        assert match["namespace"] == overlay["namespace"] == f"docproc-{slot}"
+        assert match["function"] == service["name"].removeprefix("docproc-")
+        assert {k: v for k, v in service.items() if k != "host"} == {
+            k: v for k, v in before.items() if k != "host"}
+    assert {k: v for k, v in doc.items() if k != "services"} == {
+        k: v for k, v in base.items() if k != "services"}
 
 
 def test_every_entity_is_tagged_for_select_tag_sync() -> None:
