@@ -158,15 +158,20 @@ def services() -> Services:
 @contextmanager
 def as_http_status(event: Any, function: str) -> Iterator[None]:
     """Handling one event delivered over HTTP (functions-framework, as Knative delivers):
-    an event that can never succeed answers 400, which Knative does not retry but sends to
-    the dead-letter sink; other failures stay 5xx, which it retries with backoff."""
+    an event that can never succeed is recorded as a dead letter here and answers 400, which
+    Knative does not retry; other failures stay 5xx, which it retries with backoff."""
     from events.cloudevent import handling
+    from shared.knative_dead_letters import COLLECTION, record
 
     try:
         with handling(event, function):
             yield
     except MalformedEvent as exc:
         HANDLED.labels(function, "malformed").inc()
+        # Kept here, where `docproc dlq` finds it, because eventing-rabbitmq takes a 400 as
+        # delivered (it retries and dead-letters only 5xx, 404, 408, 409 and 429) and would
+        # drop it. Should keeping it fail, the 500 that follows has it retried, not lost.
+        record(services().mongo.db[COLLECTION], function, event, refused=str(exc))
         raise BadRequest(str(exc)) from exc
     except Exception:
         HANDLED.labels(function, "failed").inc()

@@ -32,8 +32,12 @@ def _error_text(encoded: object) -> str | None:
     return text[:MAX_ERROR_TEXT]
 
 
-def record(collection: Collection[dict[str, Any]], function: str, event: CloudEvent) -> None:
-    """Store the dead letter once: a redelivery of the same one only counts up."""
+def record(collection: Collection[dict[str, Any]], function: str, event: CloudEvent, *,
+           refused: str | None = None) -> None:
+    """Store the dead letter once: a redelivery of the same one only counts up.
+
+    ``refused``: the function itself refused the event for good (answering 400), and this
+    says why; Knative's error attributes are what the sink records otherwise."""
     attrs = event.get_attributes()
     now = datetime.now(UTC)
     collection.update_one(
@@ -42,9 +46,10 @@ def record(collection: Collection[dict[str, Any]], function: str, event: CloudEv
             "$setOnInsert": {
                 "function": function,
                 "event": {k: str(attrs[k]) for k in KEPT_ATTRIBUTES if attrs.get(k)},
-                "error_code": attrs.get("knativeerrorcode"),
-                "error_destination": attrs.get("knativeerrordest"),
-                "error": _error_text(attrs.get("knativeerrordata")),
+                "error_code": "400" if refused else attrs.get("knativeerrorcode"),
+                "error_destination": function if refused else attrs.get("knativeerrordest"),
+                "error": refused[:MAX_ERROR_TEXT] if refused
+                else _error_text(attrs.get("knativeerrordata")),
                 "first_at": now,
             },
             "$set": {"last_at": now},

@@ -189,14 +189,25 @@ def test_event_function_chosen_by_the_knative_service_env(
         container: Callable[..., Any]) -> None:
     env = knative_env("storage")
     assert env["FUNCTION"] == "storage"
-    base, proc, _ = container({}, env, "storage")
+    base, proc, settings = container({}, env, "storage")
+    event_id = uuid.uuid4().hex
     with proc:
         _assert_probes_answer(base)
         # A CloudEvent function: an event without valid data is refused with 400.
         resp = requests.post(base + "/", data=b"{}", timeout=10, headers={
-            "ce-specversion": "1.0", "ce-id": "x", "ce-source": "/t",
+            "ce-specversion": "1.0", "ce-id": event_id, "ce-source": "/t",
             "ce-type": "io.docproc.document.uploaded", "Content-Type": "application/json"})
         assert resp.status_code == 400, resp.text
+    # eventing-rabbitmq acks a 400 and never dead-letters it: the function kept it itself.
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(settings.mongodb_uri)
+    try:
+        [row] = client[settings.mongodb_database]["knative_dead_letters"].find()
+    finally:
+        client.close()
+    assert row["_id"] == f"storage:{event_id}"
+    assert (row["function"], row["error_code"], row["deliveries"]) == ("storage", "400", 1)
+    assert "document.uploaded" in row["event"]["type"]
+    assert row["error"]
 
 
 def test_dead_letter_sink_records_what_knative_gave_up_on(
