@@ -39,6 +39,7 @@ KONG_FILE = ROOT / "kong" / "kong.yaml"
 CONSUMERS_FILE = ROOT / "kong" / "consumers.example.yaml"
 SCHEMA = json.loads((ROOT / "tests/schemas/kong-declarative.schema.json").read_text())
 TAG = "docproc-gateway"
+HEALTH_ROUTE = "slot-health"
 CONSUMERS_TAG = "docproc-consumers"
 GROUPS = {"drivers", "agents"}
 # Knative Service `docproc-<function>` in namespace <ns>, reached by its cluster-local name.
@@ -566,7 +567,8 @@ def test_routes_are_kong3_regex_paths() -> None:
             # Knative routes on the Host header: it must be the upstream's, not the client's
             assert route["preserve_host"] is False, route["name"]
             for path in route["paths"]:
-                assert path.startswith("~/v1/"), (route["name"], path)
+                if route["name"] != HEALTH_ROUTE:
+                    assert path.startswith("~/v1/"), (route["name"], path)
                 # unanchored at the end, a Kong regex path also matches longer paths
                 assert path.endswith("$"), (route["name"], path)
                 re.compile(path[1:])
@@ -583,6 +585,8 @@ def test_every_operation_reaches_the_function_that_serves_it() -> None:
 
 def test_every_route_serves_an_operation() -> None:
     for route in routes():
+        if route.name == HEALTH_ROUTE:
+            continue  # the load balancer's, not the API's: test_route53_checks_each_slot...
         for pattern in route.patterns:
             for method in route.methods - {"OPTIONS"}:
                 served = [op for op in operations() if op.method == method
@@ -598,7 +602,8 @@ def test_every_path_answers_preflights() -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
+    ("GET", "/readyz"), ("GET", "/metrics"), ("POST", "/healthz"), ("GET", "/healthz/x"),
+    ("GET", "/v1/healthz"),
     ("GET", "/v1/documents/not-a-document-id"),
     ("GET", "/v1/documents/0123456789abcdef0123456789abcdef/link"),
     ("GET", "/v1/documents/0123456789abcdef0123456789abcdef/extra"),
@@ -611,6 +616,27 @@ def test_every_path_answers_preflights() -> None:
 ])
 def test_nothing_else_is_routed(method: str, path: str) -> None:
     assert winner(method, path) is None
+
+
+def test_route53_checks_each_slot_through_kong_without_credentials() -> None:
+    """Route 53 fails over when the active slot's health check fails; a path Kong does not
+    route answers 404 in both slots, and failover would never happen."""
+    from docproc.health import PATHS, respond
+
+    path = yaml.safe_load((ROOT / "knative" / "route53.yaml").read_text())["health_check_path"]
+    route = winner("GET", path)
+    assert route is not None, f"Kong does not route {path}"
+    assert route.name == HEALTH_ROUTE
+    assert route.methods == {"GET"}
+    assert not {"jwt", "acl"} & route.plugins.keys()
+    assert route.options("rate-limiting").limit_by == "ip"
+    assert route.service in {f"docproc-{fn.name}" for fn in HTTP_FUNCTIONS}
+    # Every HTTP function answers it before any gateway or identity check, from no service:
+    # it is the liveness answer, not readiness (which reaches MongoDB, shared by both slots).
+    assert path == "/healthz"
+    assert path in PATHS
+    answer = respond(None, path, needs_broker=False)  # type: ignore[arg-type]
+    assert (answer.status_code, answer.get_json()) == (200, {"status": "ok"})
 
 
 def test_users_me_is_not_taken_for_a_user_id() -> None:
@@ -836,7 +862,7 @@ def test_no_secret_literals(path: Path) -> None:
 
 
 def _leak_header(doc: dict[str, Any]) -> None:
-    route = doc["services"][0]["routes"][-1]
+    route = next(r for r in doc["services"][0]["routes"] if r["name"] == "api-descriptions")
     transformer = next(p for p in route["plugins"] if p["name"] == "request-transformer")
     transformer["config"]["add"] = {"headers": ["X-Gateway-Secret:0123456789abcdef0123"]}
 
