@@ -1,7 +1,8 @@
 """Publishing events: to RabbitMQ with publisher confirms, or to a Knative sink over HTTP.
 
-Both raise ``PublishError`` when an event cannot be handed over durably, so the caller can
-refuse the request (503) instead of pretending it was accepted.
+Both raise ``PublishError`` when an event cannot be handed over durably, so the caller
+leaves it in its record's outbox for the relay (docproc/outbox.py) rather than taking it as
+sent.
 """
 
 from __future__ import annotations

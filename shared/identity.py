@@ -2,7 +2,8 @@
 
 Kong's authentication plugins set ``X-Consumer-Username`` and its ACL plugin sets
 ``X-Consumer-Groups`` (comma-separated), clearing any values a client sent; traffic that
-bypasses Kong is kept out by the mesh (README, "Security").
+bypasses Kong is kept out by the mesh (knative/README.md, "Who may call what") and by the
+gateway secret (README, "Security").
 """
 
 from __future__ import annotations

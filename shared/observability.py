@@ -1,9 +1,9 @@
 """Structured logs, trace context and Prometheus metrics shared by every function.
 
-Logs are JSON lines carrying the CloudEvent id, the document id, the request id and the W3C
-``traceparent`` of whatever is being handled, so one document can be followed across
-functions. The trace context travels with events as the CloudEvents distributed-tracing
-extension attribute ``traceparent``.
+With ``DOCPROC_LOG_FORMAT=json`` logs are JSON lines carrying the CloudEvent id, the
+document id, the request id and the W3C ``traceparent`` of whatever is being handled, so one
+document can be followed across functions. The trace context travels with events as the
+CloudEvents distributed-tracing extension attribute ``traceparent``.
 """
 
 from __future__ import annotations
