@@ -24,8 +24,23 @@ from events.cloudevent import summary
 log = logging.getLogger(__name__)
 
 
+# How long a publish may wait while RabbitMQ blocks publishers (a memory or disk alarm)
+# before it fails and the event is left to the outbox: pika waits for ever by default, and
+# a publish holding the process's channel would hold every upload behind it.
+BLOCKED_CONNECTION_TIMEOUT = 10.0
+
+
 class PublishError(Exception):
     """The event was not confirmed by the broker or the sink."""
+
+
+def amqp_parameters(url: str) -> pika.URLParameters:
+    """The connection parameters for ``url``, with a limit on waiting while blocked unless
+    the URL sets one (``?blocked_connection_timeout=``)."""
+    params = pika.URLParameters(url)
+    if params.blocked_connection_timeout is None:
+        params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT
+    return params
 
 
 class Publisher(Protocol):
@@ -42,7 +57,7 @@ class AmqpPublisher:
     hence the lock); reconnects once per publish when the connection has gone away."""
 
     def __init__(self, url: str, prefix: str, delays: tuple[float, ...]) -> None:
-        self.params = pika.URLParameters(url)
+        self.params = amqp_parameters(url)
         self.prefix = prefix
         self.delays = delays
         self._lock = threading.Lock()

@@ -34,6 +34,7 @@ from pika.exceptions import AMQPConnectionError, AMQPError
 
 from events import amqp_codec, topology
 from events.cloudevent import handling
+from events.publisher import amqp_parameters
 from events.subscriptions import RetryPolicy, Subscription, describe
 from shared.observability import DEAD_LETTERS, HANDLED, RETRIES
 
@@ -96,7 +97,7 @@ class RabbitRunner:
         concurrency: int = 4,
         batch_size: int = 1,
     ) -> None:
-        self.params = pika.URLParameters(url)
+        self.params = amqp_parameters(url)
         self.prefix = prefix
         self.sub = subscription
         self.policy = policy
