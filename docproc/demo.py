@@ -21,6 +21,7 @@ import requests
 from pypdf import PdfWriter
 
 from shared.config import load_settings
+from shared.mongo import require_own_embedded
 
 DRIVER = {"X-Consumer-Username": "demo-driver", "X-Consumer-Groups": "drivers"}
 
@@ -68,6 +69,7 @@ def _step(text: str, payload: Any = None) -> None:
 
 def run_demo(keep_running: bool = False) -> int:
     settings = load_settings()
+    require_own_embedded(settings)  # the demo's server would share another one's database
     port = _free_port(settings.port)
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DOCPROC_PORT": str(port)}

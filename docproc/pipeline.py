@@ -20,6 +20,7 @@ from events.subscriptions import RetryPolicy
 from shared.config import Settings
 from shared.errors import ApiError
 from shared.http import error_response, matches
+from shared.mongo import require_own_embedded
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Pipeline:
                     amqp_url, settings.amqp_prefix, make(self.services), policy,
                     settings.worker_concurrency, settings.worker_batch))
         else:
+            require_own_embedded(settings)
             self.services = build_services(settings)
             self.bus = InProcessBus(policy, self.services.mongo.db,
                                     concurrency=min(settings.worker_concurrency, 4),

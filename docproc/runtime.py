@@ -121,8 +121,10 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         marks=PublishedMarks(documents, settings.outbox_mark_linger_seconds),
         publisher=publisher,
     )
-    # The embedded database is this process's alone: no older version can be writing to it.
-    svc.documents.ensure_indexes(migrate=not settings.mongodb_uri)
+    # An embedded database this process started is its alone: no older version can be
+    # writing to it. One that another process serves (a command run beside `docproc serve`)
+    # may be an older version's, which still needs what the migration drops.
+    svc.documents.ensure_indexes(migrate=mongo.embedded is not None)
     for other in (svc.users, svc.deliveries, svc.audit):
         other.ensure_indexes()
     return svc

@@ -17,6 +17,7 @@ import gunicorn.app.base
 from docproc import heap
 from docproc.pipeline import Pipeline
 from shared.config import ConfigError, Settings
+from shared.mongo import require_own_embedded
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
                 "(the embedded bus and database live in a single process)")
         if processes < 1:
             raise ConfigError(f"processes must be at least 1, not {processes}")
+        require_own_embedded(settings)  # here, before the fork, where it can exit cleanly
         self.settings = settings
         self.consumers = not http_only
         self.pipeline: Pipeline | None = None

@@ -16,7 +16,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,19 @@ def running_embedded_uri(settings: Settings) -> str | None:
     finally:
         probe.close()
     return uri
+
+
+def require_own_embedded(settings: Settings) -> None:
+    """Refuse to run a pipeline on the embedded database another process serves: its bus
+    and this one would take the same events, and it goes when that process stops."""
+    if settings.mongodb_uri:
+        return
+    uri = running_embedded_uri(settings)
+    if uri is not None:
+        raise ConfigError(
+            f"another docproc process serves the embedded database of "
+            f"{settings.data_dir.resolve()} (at {uri}): stop it, or give this one a data "
+            "directory of its own (DOCPROC_DATA_DIR)")
 
 
 def open_mongo(settings: Settings) -> MongoHandle:
