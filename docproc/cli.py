@@ -324,9 +324,16 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import requests
+
     from docproc.demo import run_demo
 
-    return run_demo(keep_running=args.keep_running)
+    try:
+        return run_demo(keep_running=args.keep_running)
+    except (RuntimeError, requests.RequestException) as exc:
+        # The server did not come up, or did not answer: say so, not a traceback.
+        print(f"docproc demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
