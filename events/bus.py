@@ -42,6 +42,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _whole_ms(moment: datetime) -> datetime:
+    """``moment`` as the database keeps it (BSON dates are milliseconds)."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def _held(message: dict[str, Any]) -> dict[str, Any]:
+    """The message while it is still ours: a worker whose lease ran out and was taken over
+    settles nothing (the handlers are idempotent; the new holder settles it)."""
+    return {"_id": message["_id"], "lease_until": message.get("lease_until")}
+
+
 class InProcessBus:
     def __init__(self, policy: RetryPolicy, db: Database[dict[str, Any]],
                  concurrency: int = 2, *, exclusive: bool = False) -> None:
@@ -149,11 +160,16 @@ class InProcessBus:
             lease = message.get("lease_until")
             if lease is not None and lease >= now:
                 continue  # another worker has it
-            # Taken only if nobody leased it since we read it (update_one, as
-            # find_one_and_update costs SecantusDB time in proportion to the collection).
-            taken = self.queue.update_one({"_id": message["_id"], "lease_until": lease},
-                                          {"$set": {"lease_until": now + LEASE}})
+            # Taken only if nobody leased, failed or retried it since we read it (update_one,
+            # as find_one_and_update costs SecantusDB time in proportion to the collection):
+            # a stale copy would run before its backoff, with an attempt count gone back.
+            held = _whole_ms(now + LEASE)  # as stored, so that it can be matched later
+            taken = self.queue.update_one(
+                {"_id": message["_id"], "lease_until": lease, "attempt": message["attempt"],
+                 "due_at": message["due_at"]},
+                {"$set": {"lease_until": held}})
             if taken.modified_count == 1:
+                message["lease_until"] = held
                 return message
         return None
 
@@ -209,7 +225,7 @@ class InProcessBus:
             self._failed(sub.name, message, exc)
             return
         HANDLED.labels(sub.name, "ok").inc()
-        self.queue.delete_one({"_id": message["_id"]})
+        self.queue.delete_one(_held(message))
 
     def _failed(self, name: str, message: dict[str, Any], exc: BaseException) -> None:
         attempt = int(message["attempt"])
@@ -225,12 +241,12 @@ class InProcessBus:
                     "event_id": message.get("event_id"), "reason": describe(exc),
                     "attempts": attempt, "at": _now(),
                 })
-            self.queue.delete_one({"_id": message["_id"]})
+            self.queue.delete_one(_held(message))
             log.error("%s: dead-lettered event %s after %d attempt(s): %s", name,
                       message.get("event_id"), attempt, describe(exc))
             return
         RETRIES.labels(name).inc()
-        self.queue.update_one({"_id": message["_id"]}, {"$set": {
+        self.queue.update_one(_held(message), {"$set": {
             "attempt": attempt + 1, "due_at": _now() + timedelta(seconds=delay),
             "lease_until": None, "last_error": describe(exc)}})
 
