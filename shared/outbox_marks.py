@@ -12,7 +12,9 @@ Only a document still waiting for storage (a backlog longer than the linger) is 
 
 Batches are bounded (``batch`` marks, each written once its oldest mark has waited its
 linger) so that no write holds the collection for long, and so is the memory of a process
-that confirms faster than it can write (``MAX_PENDING_BATCHES``).
+that confirms faster than it can write: past ``MAX_PENDING_BATCHES`` full batches the writer
+stops lingering, and past twice that a new mark is written by the thread that adds it, which
+slows the uploads down to what the database takes.
 
 Nothing is lost by waiting: until a mark is written the event stays in the outbox with its
 due time set, so if the write fails or the process dies first, the relay publishes the event
@@ -35,7 +37,8 @@ Mark = tuple[str, str]  # (document id, event id)
 # Marks a write: SecantusDB's CPU per mark is lowest around 16, written or moot
 # (bench/query_scaling.py); a larger batch's lists of ids are walked for every record.
 BATCH = 16
-# Past this many full batches waiting, the oldest goes out without waiting its linger.
+# Past this many full batches waiting, the oldest goes out without waiting its linger; past
+# twice as many, add() writes the mark itself.
 MAX_PENDING_BATCHES = 128
 
 
@@ -56,7 +59,7 @@ class PublishedMarks:
             self._write([(doc_id, event_id)])
             return
         with self._cond:
-            if self._closed:
+            if self._closed or len(self._pending) >= 2 * self.batch * MAX_PENDING_BATCHES:
                 write_now = True
             else:
                 write_now = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -203,3 +204,41 @@ def test_stopping_the_pipeline_writes_its_pending_marks(
     assert raw is not None
     assert raw["outbox"] == []
     assert "outbox_due" not in raw
+
+
+def test_marks_waiting_on_a_stuck_writer_are_bounded(
+    repo: DocumentRepository, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's database call hangs while uploads keep being confirmed: past twice the
+    backlog that makes it hurry, each new mark is written by the thread that adds it, so a
+    process's memory does not grow with every confirmed upload."""
+    batch = 2
+    limit = 2 * batch * MAX_PENDING_BATCHES
+    stuck = threading.Event()
+    release = threading.Event()
+    real = repo.published_many
+
+    def hangs_in_the_writer(marks: list[tuple[str, str]]) -> int:
+        if threading.current_thread().name == "outbox-marks":
+            stuck.set()
+            release.wait(30)
+        return real(marks)
+
+    monkeypatch.setattr(repo, "published_many", hangs_in_the_writer)
+    marks = PublishedMarks(repo, linger=60.0, batch=batch)
+    extra = [_recorded(repo) for _ in range(3)]
+    try:
+        for _ in range(limit):
+            marks.add(unique("doc-"), unique("evt-"))
+            assert len(marks._pending) <= limit
+        assert stuck.wait(10)  # the writer holds its batch, hanging
+        while len(marks._pending) < limit:
+            marks.add(unique("doc-"), unique("evt-"))
+        for doc, event in extra:
+            marks.add(doc.id, event.id)
+            assert len(marks._pending) == limit
+        # written at once, by the adding thread, while the writer still hangs
+        assert all(_cleared(repo, doc.id) for doc, _ in extra)
+    finally:
+        release.set()
+        marks.close()
