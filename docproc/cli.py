@@ -149,6 +149,12 @@ def _reprocess(args: argparse.Namespace) -> int:
     try:
         done = reprocess(svc, args.ids or None,
                          parse_age(args.older_than) if not args.ids else None)
+    except operations.ReprocessInterrupted as exc:
+        for doc_id in exc.done:
+            print(f"requeued {doc_id}")
+        print(f"docproc: {exc}; not sent: {', '.join(exc.left)}; run it again once the "
+              "event transport answers (sending one twice is harmless)", file=sys.stderr)
+        return 1
     finally:
         svc.close()
     for doc_id in done:

@@ -16,11 +16,12 @@ from typing import Any, Protocol
 import pika
 from cloudevents.http import CloudEvent
 
-from docproc.runtime import Services
+from docproc.runtime import NoTransport, Services
 from events import amqp_codec, topology
 from events.bus import DEAD, QUEUE
 from events.catalog import DOCUMENT_UPLOADED, DocumentUploaded
 from events.cloudevent import make_event
+from events.publisher import PublishError
 from events.runner import ATTEMPT_HEADER, DEAD_REASON_HEADER
 from events.subscriptions import ROUTES
 from shared.documents import Document, Status
@@ -235,11 +236,22 @@ def uploaded_event(svc: Services, doc: Document) -> CloudEvent:
 REPROCESS_BATCH = 1000
 
 
+class ReprocessInterrupted(Exception):
+    """Publishing failed partway: ``done`` were sent, ``left`` were not."""
+
+    def __init__(self, done: list[str], left: list[str], error: Exception) -> None:
+        super().__init__(f"stopped after sending {len(done)} of {len(done) + len(left)} "
+                         f"document(s): {error}")
+        self.done = done
+        self.left = left
+
+
 def reprocess(svc: Services, ids: list[str] | None = None,
               older_than: timedelta | None = None) -> list[str]:
     """Send documents through storage again. Handlers are idempotent: a stuck document is
     processed, a finished one is only announced again. Without ids, at most
-    REPROCESS_BATCH of the oldest stuck documents."""
+    REPROCESS_BATCH of the oldest stuck documents. Raises ReprocessInterrupted, saying what
+    was sent, when an event cannot be published."""
     if ids:
         docs = [d for d in (svc.documents.get(i) for i in ids) if d is not None]
         missing = set(ids) - {d.id for d in docs}
@@ -249,11 +261,13 @@ def reprocess(svc: Services, ids: list[str] | None = None,
         age = older_than if older_than is not None else timedelta(minutes=10)
         cutoff = datetime.now(UTC) - age
         docs = svc.documents.stuck(cutoff, limit=REPROCESS_BATCH)
-    done = []
-    for doc in docs:
-        if doc.status == Status.DELETED:
-            continue
-        svc.publish(uploaded_event(svc, doc))
+    todo = [doc for doc in docs if doc.status != Status.DELETED]
+    done: list[str] = []
+    for doc in todo:
+        try:
+            svc.publish(uploaded_event(svc, doc))
+        except (PublishError, NoTransport) as exc:
+            raise ReprocessInterrupted(done, [d.id for d in todo[len(done):]], exc) from exc
         done.append(doc.id)
     return done
 

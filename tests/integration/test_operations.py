@@ -189,6 +189,36 @@ def test_stuck_documents_are_visible_and_reprocessed(
         reprocess(svc, ["0" * 32])
 
 
+def test_a_reprocess_cut_short_by_the_broker_says_what_it_sent(
+    run: Running, http: requests.Session, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from docproc.runtime import Services
+    from events.publisher import PublishError
+
+    ids = [upload(http, run.base_url, samples.pdf(samples.marker()), "application/pdf")
+           .json()["id"] for _ in range(3)]
+    for doc_id in ids:
+        assert settled(http, run.base_url, doc_id)["status"] == "stored"
+    sent: list[str] = []
+    real = Services.publish
+
+    def refuses_the_second(svc: Services, event: Any) -> None:
+        if len(sent) == 1:
+            raise PublishError("broker did not confirm: connection reset")
+        real(svc, event)
+        sent.append(str(event["subject"]))
+
+    monkeypatch.setattr(Services, "publish", refuses_the_second)
+    _env(monkeypatch, run.svc.settings)
+    assert main(["reprocess", *ids]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"requeued {ids[0]}\n"
+    assert "stopped after sending 1 of 3 document(s): broker did not confirm" in err
+    assert f"not sent: {ids[1]}, {ids[2]}" in err
+    assert "Traceback" not in err
+
+
 def test_local_key_rotation_rewraps_and_documents_stay_readable(
     service_settings: Callable[..., Settings], http: requests.Session,
 ) -> None:
