@@ -101,8 +101,9 @@ def check(keys: KeyProvider, body: Mapping[str, Any], backup_id: str, directory:
         # The local keyring and KMS both authenticate the context: an edited backup id or
         # a re-used seal fails here rather than at the MAC.
         raise KeyUnavailable(f"the manifest's seal cannot be checked with KEK "
-                             f"{wrapped.key_id} ({wrapped.provider}): {exc}",
-                             wrapped.provider) from None
+                             f"{wrapped.key_id} ({wrapped.provider}): that KEK is not "
+                             f"available here, or the manifest's backup id was changed "
+                             f"({exc})", wrapped.provider) from None
     if not hmac.compare_digest(_mac(mac_key, body), expected):
         raise SealError("the manifest does not match its seal: it was changed after the "
                         "backup was made")

@@ -399,6 +399,15 @@ def test_the_manifest_seal_catches_a_forged_checksum_a_swapped_or_an_unsealed_ma
         assert [p.path for p in problems] == ["manifest.json"]
         assert "a manifest copied over another backup's" in problems[0].message
 
+        # Moved to another backup's name, its id edited to match: the seal was made for the
+        # original id, which its key's wrapping context names.
+        renamed = tmp_path / "renamed" / older.backup_id
+        shutil.copytree(backup, renamed)
+        rewrite_manifest(renamed, lambda body: body.update(backup_id=older.backup_id))
+        problems = verify_backup(run.svc, str(renamed)).problems
+        assert [p.path for p in problems] == ["manifest.json"]
+        assert "or the manifest's backup id was changed" in problems[0].message
+
         # An unsealed manifest, as format 1 wrote them (or with its seal cut off).
         unsealed = tmp_path / "unsealed" / manifest.backup_id
         shutil.copytree(backup, unsealed)
