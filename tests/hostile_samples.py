@@ -204,6 +204,70 @@ def pdf_pages(pages: int, links_per_page: int = 0) -> bytes:
     return raw_pdf(objects)
 
 
+def pdf_shared_name_launch() -> bytes:
+    """A Launch action whose /S is an indirect name also used as an annotation's /Subtype:
+    a walk that skips objects it has seen reads it as the subtype and never as the type."""
+    return document(page=b"/Annots [6 0 R 5 0 R]", extra=[
+        b"<< /Type /Annot /Subtype 7 0 R /Rect [0 0 1 1] >>",
+        link(b"<< /S 7 0 R /F (calc.exe) >>"),
+        b"/Launch"])
+
+
+def pdf_shared_name_attachment() -> bytes:
+    """The mirror: /FileAttachment read first as an action's type, then as a subtype."""
+    return document(page=b"/Annots [6 0 R 5 0 R]", extra=[
+        link(b"<< /S 7 0 R >>"),
+        b"<< /Type /Annot /Subtype 7 0 R /Rect [0 0 1 1] /FS << /EF << /F 8 0 R >> >> >>",
+        b"/FileAttachment",
+        stream_object(b"payload", b"/Type /EmbeddedFile")])
+
+
+def pdf_dangling_references(count: int) -> bytes:
+    """An open action listing ``count`` references to objects that do not exist."""
+    refs = b" ".join(b"%d 0 R" % (500_000 + n) for n in range(count))
+    return document(catalog=b"/OpenAction [%b]" % refs)
+
+
+def pdf_repeated_page(times: int, annotations: int, action: bytes = URI_ACTION) -> bytes:
+    """A page tree listing one page ``times`` times; the page holds ``annotations`` inline
+    links with ``action``."""
+    annots = b" ".join([link(action)] * annotations)
+    return raw_pdf([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%b] /Count %d >>" % (b" ".join([b"3 0 R"] * times), times),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Annots [%b] >>" % annots,
+    ])
+
+
+def pdf_xref_stream(entries: int) -> bytes:
+    """One page, indexed by a cross-reference stream of ``entries`` entries (all but the
+    first five free): a few KB on disk, an entry each in pypdf's tables."""
+    out = bytearray(PDF_HEADER)
+    offsets = []
+    for number, body in enumerate([
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>"], start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%b\nendobj\n" % (number, body)
+    xref = len(out)
+    rows = [struct.pack(">BIH", 0, 0, 65535)]
+    rows += [struct.pack(">BIH", 1, offset, 0) for offset in [*offsets, xref]]
+    rows += [struct.pack(">BIH", 0, 0, 0)] * (entries - len(rows))
+    data = zlib.compress(b"".join(rows), 9)
+    out += b"4 0 obj\n" + stream_object(data, b"/Type /XRef /Size %d /W [1 4 2] /Root 1 0 R "
+                                            b"/Filter /FlateDecode" % entries)
+    out += b"\nendobj\nstartxref\n%d\n%%%%EOF\n" % xref
+    return bytes(out)
+
+
+def pdf_startxref_overflow() -> bytes:
+    """A startxref too large for a file offset."""
+    data = document()
+    head, _, _ = data.rpartition(b"startxref\n")
+    return head + b"startxref\n99999999999999999999\n%%EOF\n"
+
+
 def pdf_content_bomb(inflated: int = GIB) -> bytes:
     """A page whose content stream inflates to ``inflated`` bytes (about inflated/1000 on
     disk)."""

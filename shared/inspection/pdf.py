@@ -42,6 +42,9 @@ _PDF_WALK_CACHED: Final = 1_000  # of those, how many pypdf may keep cached at a
 # costs a hostile file about 50 bytes: this many entries (pages and intermediate nodes) is
 # ample for real documents and keeps that memory in the tens of MB.
 _PDF_MAX_PAGE_TREE_ENTRIES: Final = 20_000
+# Entries of cross-reference streams: pypdf keeps each (2M by default, ~170 bytes apiece);
+# a real document of a few thousand pages has tens of thousands of objects.
+_PDF_MAX_XREF_ENTRIES: Final = 100_000
 
 
 def _limited_configuration() -> Any:
@@ -83,7 +86,8 @@ def pdf_metadata(stream: BinaryIO) -> dict[str, Any]:
     try:
         with _pdf_limits():
             stream.seek(0)
-            reader = PdfReader(stream, strict=False)
+            reader = PdfReader(stream, strict=False,
+                               xref_stream_maximum_entries=_PDF_MAX_XREF_ENTRIES)
             metadata: dict[str, Any] = {}
             if reader.is_encrypted:
                 # Decision: a PDF that opens without a password (an "owner password" only
@@ -103,8 +107,8 @@ def pdf_metadata(stream: BinaryIO) -> dict[str, Any]:
             return metadata
     except InvalidDocument:
         raise
-    except LimitReachedError as exc:
-        raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: {exc}") from exc
+    except (LimitReachedError, MemoryError) as exc:
+        raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: {exc!r}") from exc
     except NotImplementedError as exc:
         # pypdf reads the encryption dictionary on opening and refuses schemes it lacks
         # (certificate or third-party security handlers), as it does unknown filters.
@@ -112,7 +116,7 @@ def pdf_metadata(stream: BinaryIO) -> dict[str, Any]:
     # Broken input surfaces from pypdf's parser in many shapes, asserts included. Stream
     # failures of the decrypting view (EnvelopeError) are none of these and propagate.
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-            AssertionError, RecursionError, struct.error, zlib.error) as exc:
+            AssertionError, RecursionError, OverflowError, struct.error, zlib.error) as exc:
         raise InvalidDocument(f"corrupt PDF: {exc}") from exc
 
 
@@ -130,6 +134,7 @@ class _PdfWalk:
     lazily; a reference loop or a huge structure therefore cannot keep it busy."""
 
     def __init__(self, reader: PdfReader) -> None:
+        self._reader = reader
         self._budget = _PDF_WALK_BUDGET
         self._seen: set[tuple[str, int, int]] = set()
         self.todo: list[tuple[str, Any]] = []
@@ -146,10 +151,28 @@ class _PdfWalk:
         if key in self._seen:
             return None
         self._seen.add(key)
-        # Only reading objects costs time; a budget on reads bounds the whole walk.
-        self._budget -= 1
+        return self._read(value)
+
+    def leaf(self, value: Any) -> Any:
+        """A name or string, resolved however often it was read before: one name object may
+        stand for a harmless annotation subtype and for an action's type alike, so leaves
+        are never skipped as seen (each read is charged all the same)."""
+        if not isinstance(value, IndirectObject):
+            return value
+        return self._read(value)
+
+    def charge(self, count: int) -> None:
+        # Reading objects and looking at array elements cost time; one budget bounds both.
+        self._budget -= count
         if self._budget < 0:
             raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: more than {_PDF_WALK_BUDGET} objects")
+
+    def _read(self, value: IndirectObject) -> Any:
+        self.charge(1)
+        if not _defined(self._reader, value):
+            # A reference to an undefined object is null (ISO 32000-1, 7.3.10); pypdf
+            # would search the whole file for it, once per reference.
+            return None
         if len(self._added) >= _PDF_WALK_CACHED:
             # Objects still in use stay alive through their references; only pypdf's cache
             # lets go of them (it reads them again if ever asked).
@@ -169,6 +192,7 @@ class _PdfWalk:
         """The elements of an array (or the single object where one is allowed)."""
         obj = self.open(role, value)
         if isinstance(obj, ArrayObject):
+            self.charge(len(obj))  # inline elements cost no read, but each is looked at
             return list(obj)
         return [] if obj is None else [obj]
 
@@ -215,7 +239,7 @@ class _PdfWalk:
         if node is None:
             return None
         if role == "annot":
-            subtype = self.open("name", _entry(node, "/Subtype"))
+            subtype = self.leaf(_entry(node, "/Subtype"))
             if subtype == "/FileAttachment":
                 return _PDF_EMBEDDED
             if subtype in ("/RichMedia", "/3D"):
@@ -235,17 +259,24 @@ class _PdfWalk:
         action = self.dictionary("action", value)
         if action is None:
             return None  # absent, already checked, or a destination array
-        kind = self.open("name", _entry(action, "/S"))
+        kind = self.leaf(_entry(action, "/S"))
         if kind in ("/JavaScript", "/JS") or "/JS" in action:  # also a Rendition's /JS
             return _PDF_JAVASCRIPT
         if kind == "/Launch":
             return _PDF_LAUNCH
         if kind == "/RichMediaExecute":
             return _PDF_RICH_MEDIA
-        if kind == "/URI" and _is_javascript_uri(self.open("uri", _entry(action, "/URI"))):
+        if kind == "/URI" and _is_javascript_uri(self.leaf(_entry(action, "/URI"))):
             return _PDF_JAVASCRIPT
         self.todo.append(("action", _entry(action, "/Next")))  # an action or an array
         return None
+
+
+def _defined(reader: PdfReader, ref: IndirectObject) -> bool:
+    """Whether the cross-reference table lists ``ref`` (in an object stream or at an
+    offset)."""
+    return (ref.idnum in reader.xref_objStm
+            or ref.idnum in reader.xref.get(ref.generation, {}))
 
 
 def _entry(dictionary: DictionaryObject, key: str) -> Any:
@@ -290,9 +321,16 @@ def _pdf_active_content(reader: PdfReader) -> str | None:
     if outlines is not None:
         walk.todo.append(("outline", _entry(outlines, "/First")))
     reason = walk.drain()
+    pages_seen: set[int] = set()
     for page in reader.pages:
         if reason is not None:
             break
+        # A page tree may list one page object many times: its annotations are the same.
+        ref = page.indirect_reference
+        if ref is not None:
+            if ref.idnum in pages_seen:
+                continue
+            pages_seen.add(ref.idnum)
         walk.todo.append(("triggers", _entry(page, "/AA")))
         walk.todo.append(("annots", _entry(page, "/Annots")))
         walk.todo.append(("files", _entry(page, "/AF")))

@@ -337,6 +337,64 @@ def test_harmless_pdfs_are_accepted(make: Callable[[], bytes], pages: int) -> No
     assert inspect(PDF, make()) == {"pages": pages}
 
 
+# -- PDF: walks a hostile structure cannot trick or stall --------------------------------
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (hostile.pdf_shared_name_launch, LAUNCH),
+    (hostile.pdf_shared_name_attachment, EMBEDDED),
+    (lambda: hostile.pdf_repeated_page(3, 2, hostile.JS_ACTION), JAVASCRIPT),
+], ids=["launch-name-shared", "attachment-name-shared", "repeated-page-javascript"])
+def test_active_content_behind_shared_objects_is_found(make: Callable[[], bytes],
+                                                        reason: str) -> None:
+    assert rejection(PDF, make()) == reason
+
+
+def test_references_to_missing_objects_are_null_not_a_search_of_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pypdf looks for an object the cross-reference table lacks by reading and searching
+    the whole file, once per reference: hours for a large file with many of them."""
+    from pypdf import PdfReader
+
+    searches = []
+    real = PdfReader.get_object
+
+    def counted(reader: PdfReader, ref: Any) -> Any:
+        if isinstance(ref, int) or ref.idnum >= 500_000:
+            searches.append(ref)
+        return real(reader, ref)
+
+    monkeypatch.setattr(PdfReader, "get_object", counted)
+    assert inspect(PDF, hostile.pdf_dangling_references(100)) == {"pages": 1}
+    assert searches == []
+
+
+def test_a_page_listed_many_times_is_walked_once_and_inline_items_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inspection_pdf, "_PDF_WALK_BUDGET", 5_000)
+    # 2,000 copies of a page with 150 inline links: walked once, accepted (each copy walked
+    # would be 300,000 links).
+    assert inspect(PDF, hostile.pdf_repeated_page(2_000, 150)) == {"pages": 2_000}
+    # Inline links cost no read but are looked at: beyond the budget, refused.
+    assert rejection(PDF, hostile.pdf_repeated_page(1, 6_000)).startswith(TOO_COMPLEX)
+
+
+def test_a_cross_reference_stream_is_held_to_a_real_documents_size() -> None:
+    # pypdf's own limit is 2 million entries, some 300 MiB of tables from a 30 KB file.
+    assert inspect(PDF, hostile.pdf_xref_stream(50_000)) == {"pages": 1}
+    reason = rejection(PDF, hostile.pdf_xref_stream(150_000))
+    assert "entry limit reached: 150000 > 100000" in reason
+
+
+def test_an_offset_too_large_for_the_file_is_corrupt_not_a_crash() -> None:
+    # Storage inspects a small document from memory (functions/storage/main.py), where
+    # seeking that far overflows instead of failing to read.
+    with pytest.raises(InvalidDocument, match=r"^corrupt PDF"):
+        extract_metadata(PDF, io.BytesIO(hostile.pdf_startxref_overflow()))
+
+
 # -- PDF: encryption ------------------------------------------------------------------------
 
 
