@@ -623,11 +623,20 @@ def _box(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", 8 + len(payload)) + kind + payload
 
 
-def heic() -> bytes:
-    """The outline of a HEIC file: ftyp, an (empty) meta box and the media data."""
+def heic(size: tuple[int, int] | None = (4032, 3024), *, media_data: bool = True,
+         meta: bool = True, meta_last: bool = False) -> bytes:
+    """The outline of a HEIC file as a phone writes it: ftyp; meta (a full box) with its
+    handler and the image properties, among them the image's size (ispe, itself a full
+    box), unless ``size`` is None; and the media data."""
     ftyp = _box(b"ftyp", b"heic" + struct.pack(">I", 0) + b"mif1heic")
-    meta = _box(b"meta", bytes(4) + _box(b"hdlr", bytes(8) + b"pict" + bytes(13)))
-    return ftyp + meta + _box(b"mdat", bytes(range(256)) * 4)
+    properties = _box(b"hvcC", bytes(23))
+    if size is not None:
+        properties += _box(b"ispe", bytes(4) + struct.pack(">II", *size))
+    boxes = (_box(b"hdlr", bytes(8) + b"pict" + bytes(13))
+             + _box(b"iprp", _box(b"ipco", properties) + _box(b"ipma", bytes(8))))
+    meta_box = _box(b"meta", bytes(4) + boxes) if meta else b""
+    mdat = _box(b"mdat", bytes(range(256)) * 4) if media_data else b""
+    return ftyp + (mdat + meta_box if meta_last else meta_box + mdat)
 
 
 def heic_with_appended_script() -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any, BinaryIO
 
-from shared.inspection.images import check_image_end, heic_end, image_metadata
+from shared.inspection.images import heic_metadata, image_metadata
 from shared.inspection.media_types import DOCUMENT_TYPES
 from shared.inspection.pdf import pdf_metadata
 from shared.inspection.polyglot import reject_polyglots
@@ -19,8 +19,7 @@ def extract_metadata(media_type: str, stream: BinaryIO) -> dict[str, Any]:
     if media_type == "application/pdf":
         return pdf_metadata(stream)
     if media_type == "image/heic":
-        # Pillow cannot read HEIC here, so there is no metadata; its box structure is still
-        # walked so that nothing hides after it.
-        check_image_end(heic_end, stream, size)
-        return {}
+        # Pillow cannot read HEIC here: its boxes are walked, so that nothing hides after
+        # them and what it declares is held to the same limits as the other images.
+        return heic_metadata(stream, size)
     return image_metadata(media_type, stream, size)

@@ -7,7 +7,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Final
 
 from PIL import Image
@@ -44,6 +44,9 @@ _MAX_JPEG_SEGMENTS: Final = 10_000
 _MAX_JPEG_EXTRA_IMAGES: Final = 8  # MPF secondary images: depth or gain maps, previews
 _MAX_PNG_CHUNKS: Final = 200_000
 _MAX_HEIC_BOXES: Final = 10_000
+# The image metadata (item locations, properties) of a real HEIC is a few KB, a little more
+# with EXIF; it is read whole, within this.
+_HEIC_META_MAX: Final = 1024 * 1024
 MAX_TIFF_PAGES: Final = 1_000
 
 # SOFn markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
@@ -89,9 +92,14 @@ def image_metadata(media_type: str, stream: BinaryIO, size: int) -> dict[str, An
     except Image.DecompressionBombError as exc:
         # Pillow's own cap (twice its 89 Mpx warning level) lies above ours.
         raise InvalidDocument(f"image too large: more than {MAX_IMAGE_PIXELS} pixels") from exc
+    except MemoryError as exc:
+        # Tags declaring millions of values (a TIFF's) can exhaust memory before any pixel
+        # is read: the document is refused, not retried until it is dead-lettered.
+        raise InvalidDocument("image too large to inspect: its metadata exhausts memory") \
+            from exc
     # What Pillow raises on broken headers (KeyError: an unknown TIFF compression or mode).
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-            struct.error, zlib.error) as exc:
+            OverflowError, struct.error, zlib.error) as exc:
         raise InvalidDocument(f"corrupt image: {exc}") from exc
 
 
@@ -309,6 +317,81 @@ def _inflated_size(data: bytes, limit: int) -> int:
     except zlib.error:
         pass  # broken data inflates no further, in Pillow too; what came out still counts
     return total
+
+
+def heic_metadata(stream: BinaryIO, size: int) -> dict[str, Any]:
+    """What a HEIC file declares, from its boxes (there is no HEIC decoder here): it must
+    have the image metadata (`meta`) with at least one image size (`ispe`, mandatory for
+    every HEIF image item), each within the pixel cap, and image data (`mdat`, or `idat`
+    inside `meta`). Returns the largest declared size."""
+    check_image_end(heic_end, stream, size)
+    try:
+        top = _heic_top_level(stream, size)
+        meta = top.get(b"meta")
+        if meta is None:
+            raise _Malformed("HEIC has no image metadata (meta box)")
+        children = dict(_heic_boxes(meta[4:]))  # a full box: version and flags first
+        if b"mdat" not in top and b"idat" not in children:
+            raise _Malformed("HEIC has no image data (mdat or idat box)")
+        properties = dict(_heic_boxes(children.get(b"iprp", b""))).get(b"ipco", b"")
+        sizes = [struct.unpack_from(">II", payload, 4) for kind, payload
+                 in _heic_boxes(properties) if kind == b"ispe" and len(payload) >= 12]
+    except struct.error as exc:
+        raise InvalidDocument(f"corrupt image: HEIC box too short: {exc}") from exc
+    except _Malformed as exc:
+        raise InvalidDocument(f"corrupt image: {exc}") from exc
+    if not sizes:
+        raise InvalidDocument("corrupt image: HEIC declares no image size (ispe)")
+    for width, height in sizes:
+        _check_pixels(width, height)
+    width, height = max(sizes, key=lambda wh: wh[0] * wh[1])
+    return {"width": width, "height": height}
+
+
+def _heic_top_level(stream: BinaryIO, size: int) -> dict[bytes, bytes]:
+    """The top-level boxes by type, with the payload of `meta` only (the media data is
+    never read); heic_end has checked that they tile the file."""
+    found: dict[bytes, bytes] = {}
+    pos = 0
+    while pos + 8 <= size:
+        header = read_at(stream, pos, 16)
+        box_size, kind = struct.unpack_from(">I4s", header)
+        header_size = 8
+        if box_size == 1:
+            (box_size,) = struct.unpack_from(">Q", header, 8)
+            header_size = 16
+        elif box_size == 0:
+            box_size = size - pos
+        if box_size < header_size:
+            break  # heic_end stopped here: what follows is not a box
+        payload = b""
+        if kind == b"meta":
+            if box_size - header_size > _HEIC_META_MAX:
+                raise _Malformed(f"HEIC metadata larger than {_HEIC_META_MAX} bytes")
+            payload = read_at(stream, pos + header_size, box_size - header_size)
+        found.setdefault(kind, payload)
+        pos += box_size
+    return found
+
+
+def _heic_boxes(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (type, payload) of each box in ``data``, a container's payload."""
+    pos = 0
+    for _ in range(_MAX_HEIC_BOXES):
+        if pos + 8 > len(data):
+            return
+        box_size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if box_size == 1:
+            (box_size,) = struct.unpack_from(">Q", data, pos + 8)
+            header = 16
+        elif box_size == 0:
+            box_size = len(data) - pos
+        if box_size < header or pos + box_size > len(data):
+            raise _Malformed(f"HEIC box {kind!r} overruns its container")
+        yield kind, data[pos + header:pos + box_size]
+        pos += box_size
+    raise _Malformed("HEIC has too many boxes")
 
 
 def heic_end(stream: BinaryIO, size: int) -> int:

@@ -270,8 +270,33 @@ def test_multi_page_tiff_reports_its_pages() -> None:
     assert inspect(TIFF, hostile.tiff(pages=1))["pages"] == 1
 
 
-def test_heic_structure_is_accepted() -> None:
-    assert inspect(HEIC, hostile.heic()) == {}
+@pytest.mark.parametrize("failure", [MemoryError, OverflowError])
+def test_an_image_that_exhausts_memory_or_overflows_is_refused_not_retried(
+    monkeypatch: pytest.MonkeyPatch, failure: type[Exception],
+) -> None:
+    def fails(*_args: Any, **_kwargs: Any) -> Any:
+        raise failure("as Pillow raises it for a TIFF tag of ten million values")
+
+    monkeypatch.setattr(Image, "open", fails)
+    with pytest.raises(InvalidDocument):
+        inspect(TIFF, hostile.tiff(pages=1))
+
+
+@pytest.mark.parametrize("meta_last", [False, True], ids=["meta-first", "media-data-first"])
+def test_heic_structure_is_accepted(meta_last: bool) -> None:
+    assert inspect(HEIC, hostile.heic(meta_last=meta_last)) == {"width": 4032, "height": 3024}
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (hostile.heic(meta=False), "corrupt image: HEIC has no image metadata (meta box)"),
+    (hostile.heic(size=None), "corrupt image: HEIC declares no image size (ispe)"),
+    (hostile.heic(media_data=False), "corrupt image: HEIC has no image data (mdat or idat box)"),
+    (hostile.heic((100_000, 100_000)), "image too large: 100000x100000 pixels"),
+], ids=["ftyp-only", "no-size", "no-data", "pixel-bomb"])
+def test_heic_without_an_image_or_beyond_the_pixel_cap_is_rejected(data: bytes,
+                                                                   reason: str) -> None:
+    # There is no HEIC decoder here: what the file declares is all there is to hold it to.
+    assert rejection(HEIC, data) == reason
 
 
 @pytest.mark.parametrize(("media_type", "data"), [
