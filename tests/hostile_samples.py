@@ -261,6 +261,42 @@ def pdf_xref_stream(entries: int) -> bytes:
     return bytes(out)
 
 
+def pdf_object_stream_bomb(streams: int, inflated: int = 12 * MIB) -> bytes:
+    """An open action listing one object in each of ``streams`` object streams, each of
+    which inflates to ``inflated`` bytes (under the per-stream limit): reading the objects
+    decodes every stream whole."""
+    objects = {1: b"<< /Type /Catalog /Pages 2 0 R /OpenAction [%b] >>" % b" ".join(
+                   b"%d 0 R" % (1000 + k) for k in range(streams)),
+               2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>"}
+    out = bytearray(PDF_HEADER)
+    offsets = {}
+    for number, body in objects.items():
+        offsets[number] = len(out)
+        out += b"%d 0 obj\n%b\nendobj\n" % (number, body)
+    for k in range(streams):
+        head = b"%d 0 " % (1000 + k)
+        data = zlib.compress(head + b"<< /S /GoTo /D [3 0 R /Fit] >>" + b"x" * inflated, 9)
+        offsets[4 + k] = len(out)
+        out += b"%d 0 obj\n%b\nendobj\n" % (4 + k, stream_object(
+            data, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % len(head)))
+    xref_number = 1000 + streams
+    offsets[xref_number] = len(out)
+    rows = []
+    for number in range(xref_number + 1):
+        if number in offsets:
+            rows.append(struct.pack(">BIH", 1, offsets[number], 0))
+        elif 1000 <= number < xref_number:
+            rows.append(struct.pack(">BIH", 2, 4 + number - 1000, 0))
+        else:
+            rows.append(struct.pack(">BIH", 0, 0, 0))
+    out += b"%d 0 obj\n%b\nendobj\n" % (xref_number, stream_object(
+        zlib.compress(b"".join(rows)), b"/Type /XRef /Size %d /W [1 4 2] /Root 1 0 R "
+        b"/Filter /FlateDecode" % (xref_number + 1)))
+    out += b"startxref\n%d\n%%%%EOF\n" % offsets[xref_number]
+    return bytes(out)
+
+
 def pdf_startxref_overflow() -> bytes:
     """A startxref too large for a file offset."""
     data = document()

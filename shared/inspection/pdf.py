@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import struct
 import zlib
@@ -38,6 +39,12 @@ _PDF_MAX_DECODED: Final = 16 * 1024 * 1024
 # rather than inspected for an unbounded time.
 _PDF_WALK_BUDGET: Final = 200_000
 _PDF_WALK_CACHED: Final = 1_000  # of those, how many pypdf may keep cached at a time
+# Object streams: pypdf decodes the whole stream (up to _PDF_MAX_DECODED) to read one of
+# its objects, and keeps it and every object parsed from it. A hostile file points into
+# many such streams: the walk lets go of them past this many decoded bytes held, and
+# refuses a document whose walk would decode more than the second figure in all.
+_PDF_OBJSTM_HELD: Final = _PDF_MAX_DECODED
+_PDF_OBJSTM_WORK: Final = 2 * _PDF_MAX_DECODED
 # pypdf holds every page of the flattened page tree in memory (2-5 KB each), and a page
 # costs a hostile file about 50 bytes: this many entries (pages and intermediate nodes) is
 # ample for real documents and keeps that memory in the tens of MB.
@@ -141,7 +148,9 @@ class _PdfWalk:
         # pypdf keeps every object it reads (a few KB each once parsed); the walk drops what
         # it added every so often, so memory does not grow with the number of objects.
         self._cache: dict[tuple[Any, Any], Any] = reader.resolved_objects
-        self._added: list[tuple[int, int]] = []
+        self._added: list[tuple[Any, Any]] = []
+        self._objstm_held = 0  # decoded bytes of the object streams in pypdf's cache
+        self._objstm_work = 0  # decoded bytes of object streams, in all
 
     def open(self, role: str, value: Any) -> Any:
         """The object ``value`` refers to, or None if it was already visited in this role."""
@@ -173,16 +182,32 @@ class _PdfWalk:
             # A reference to an undefined object is null (ISO 32000-1, 7.3.10); pypdf
             # would search the whole file for it, once per reference.
             return None
-        if len(self._added) >= _PDF_WALK_CACHED:
-            # Objects still in use stay alive through their references; only pypdf's cache
-            # lets go of them (it reads them again if ever asked).
-            for cached in self._added:
-                self._cache.pop(cached, None)
-            self._added.clear()
-        cache_key = (value.generation, value.idnum)
-        if cache_key not in self._cache:
-            self._added.append(cache_key)
-        return value.get_object()
+        if len(self._added) >= _PDF_WALK_CACHED or self._objstm_held > _PDF_OBJSTM_HELD:
+            self._let_go()
+        held = len(self._cache)
+        container = self._reader.xref_objStm.get(value.idnum)
+        decoded = container is None or (0, container[0]) in self._cache
+        obj = value.get_object()
+        # What pypdf cached on the way: the object, or for one in an object stream the
+        # stream and every object in it (dictionaries keep their insertion order).
+        self._added.extend(itertools.islice(reversed(self._cache), len(self._cache) - held))
+        if container is not None and not decoded:
+            stream = self._cache.get((0, container[0]))
+            size = len(stream.get_data()) if stream is not None else 0  # cached: not again
+            self._objstm_held += size
+            self._objstm_work += size
+            if self._objstm_work > _PDF_OBJSTM_WORK:
+                raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: its object streams decode to more "
+                                      f"than {_PDF_OBJSTM_WORK} bytes")
+        return obj
+
+    def _let_go(self) -> None:
+        # Objects still in use stay alive through their references; only pypdf's cache
+        # lets go of them (it reads them again if ever asked).
+        for cached in self._added:
+            self._cache.pop(cached, None)
+        self._added.clear()
+        self._objstm_held = 0
 
     def dictionary(self, role: str, value: Any) -> DictionaryObject | None:
         obj = self.open(role, value)

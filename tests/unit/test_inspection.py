@@ -413,6 +413,16 @@ def test_a_cross_reference_stream_is_held_to_a_real_documents_size() -> None:
     assert "entry limit reached: 150000 > 100000" in reason
 
 
+def test_object_streams_pointed_into_are_decoded_within_a_budget() -> None:
+    """pypdf decodes a whole object stream to read one object of it, and keeps it: an open
+    action with one object in each of many 12 MiB streams held hundreds of MiB."""
+    assert inspect(PDF, hostile.pdf_object_stream_bomb(2)) == {"pages": 1}  # 24 MiB: fine
+    result = measured(PDF, hostile.pdf_object_stream_bomb(8))
+    assert result.reason is not None
+    assert result.reason.startswith(f"{TOO_COMPLEX}: its object streams decode to more than")
+    assert result.peak < 3 * inspection_pdf._PDF_MAX_DECODED, result.peak
+
+
 def test_an_offset_too_large_for_the_file_is_corrupt_not_a_crash() -> None:
     # Storage inspects a small document from memory (functions/storage/main.py), where
     # seeking that far overflows instead of failing to read.
