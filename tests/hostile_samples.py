@@ -265,29 +265,56 @@ def pdf_object_stream_bomb(streams: int, inflated: int = 12 * MIB) -> bytes:
     """An open action listing one object in each of ``streams`` object streams, each of
     which inflates to ``inflated`` bytes (under the per-stream limit): reading the objects
     decodes every stream whole."""
-    objects = {1: b"<< /Type /Catalog /Pages 2 0 R /OpenAction [%b] >>" % b" ".join(
-                   b"%d 0 R" % (1000 + k) for k in range(streams)),
-               2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>"}
+    return _with_object_streams(
+        b"/OpenAction [%b]" % b" ".join(b"%d 0 R" % (1000 + k) for k in range(streams)),
+        [{1000 + k: b"<< /S /GoTo /D [3 0 R /Fit] >>"} for k in range(streams)],
+        padding=inflated)
+
+
+def pdf_form_in_object_stream(objects: int, fields: int) -> bytes:
+    """A form of ``fields`` fields, kept with other objects (``objects`` in all) in one
+    object stream apart from the catalog."""
+    return _with_object_streams(
+        b"/AcroForm << /Fields [%b] >>" % b" ".join(b"%d 0 R" % (1000 + n)
+                                                 for n in range(fields)),
+        [{1000 + n: b"<< /FT /Tx /T (field%d) >>" % n for n in range(objects)}])
+
+
+def _with_object_streams(catalog: bytes, streams: Sequence[dict[int, bytes]],
+                         padding: int = 0) -> bytes:
+    """Catalog (with ``catalog`` added), page tree and page as plain objects 1-3; each of
+    ``streams`` (object number -> body) an object stream 4, 5..; a cross-reference stream
+    last. ``padding`` bytes of "x" follow each stream's objects."""
     out = bytearray(PDF_HEADER)
     offsets = {}
-    for number, body in objects.items():
+    for number, body in enumerate([
+            b"<< /Type /Catalog /Pages 2 0 R %b >>" % catalog,
+            b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>"], start=1):
         offsets[number] = len(out)
         out += b"%d 0 obj\n%b\nendobj\n" % (number, body)
-    for k in range(streams):
-        head = b"%d 0 " % (1000 + k)
-        data = zlib.compress(head + b"<< /S /GoTo /D [3 0 R /Fit] >>" + b"x" * inflated, 9)
+    packed = {}
+    for k, objects in enumerate(streams):
+        index, bodies, at = [], [], 0
+        for position, (number, body) in enumerate(objects.items()):
+            index.append(b"%d %d" % (number, at))
+            bodies.append(body + b"\n")
+            at += len(body) + 1
+            packed[number] = (4 + k, position)
+        head = b" ".join(index) + b"\n"
+        data = zlib.compress(head + b"".join(bodies) + b"x" * padding, 9)
         offsets[4 + k] = len(out)
         out += b"%d 0 obj\n%b\nendobj\n" % (4 + k, stream_object(
-            data, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % len(head)))
-    xref_number = 1000 + streams
+            data, b"/Type /ObjStm /N %d /First %d /Filter /FlateDecode"
+            % (len(objects), len(head))))
+    xref_number = max(packed) + 1
     offsets[xref_number] = len(out)
     rows = []
     for number in range(xref_number + 1):
         if number in offsets:
             rows.append(struct.pack(">BIH", 1, offsets[number], 0))
-        elif 1000 <= number < xref_number:
-            rows.append(struct.pack(">BIH", 2, 4 + number - 1000, 0))
+        elif number in packed:
+            rows.append(struct.pack(">BIH", 2, *packed[number]))
         else:
             rows.append(struct.pack(">BIH", 0, 0, 0))
     out += b"%d 0 obj\n%b\nendobj\n" % (xref_number, stream_object(
@@ -295,6 +322,18 @@ def pdf_object_stream_bomb(streams: int, inflated: int = 12 * MIB) -> bytes:
         b"/Filter /FlateDecode" % (xref_number + 1)))
     out += b"startxref\n%d\n%%%%EOF\n" % offsets[xref_number]
     return bytes(out)
+
+
+def pdf_misplaced_references(count: int) -> bytes:
+    """An open action listing ``count`` references that pypdf cannot find where the
+    cross-reference table says, alternately: object 5, whose entry points at object 4's
+    header, and generation 1 of object 3, which has only generation 0."""
+    refs = b" ".join(b"5 0 R" if n % 2 else b"3 1 R" for n in range(count))
+    data = document(catalog=b"/OpenAction [%b]" % refs, extra=[URI_ACTION])
+    table = data.rindex(b"\nxref\n") + 1
+    rows = data[table:].split(b"\n")  # "xref", "0 6", free entry, objects 1..5, trailer
+    rows[7] = rows[6]  # object 5's entry: object 4's offset
+    return data[:table] + b"\n".join(rows)
 
 
 def pdf_startxref_overflow() -> bytes:

@@ -149,6 +149,7 @@ class _PdfWalk:
         # it added every so often, so memory does not grow with the number of objects.
         self._cache: dict[tuple[Any, Any], Any] = reader.resolved_objects
         self._added: list[tuple[Any, Any]] = []
+        self._reads = 0  # since pypdf's cache was last let go of
         self._objstm_held = 0  # decoded bytes of the object streams in pypdf's cache
         self._objstm_work = 0  # decoded bytes of object streams, in all
 
@@ -178,11 +179,16 @@ class _PdfWalk:
 
     def _read(self, value: IndirectObject) -> Any:
         self.charge(1)
-        if not _defined(self._reader, value):
+        if ((value.generation, value.idnum) not in self._cache
+                and not _findable(self._reader, value)):
             # A reference to an undefined object is null (ISO 32000-1, 7.3.10); pypdf
             # would search the whole file for it, once per reference.
             return None
-        if len(self._added) >= _PDF_WALK_CACHED or self._objstm_held > _PDF_OBJSTM_HELD:
+        # Counted in reads, not in objects cached: one read from an object stream caches
+        # all of its objects, and letting go of them at every later read would decode the
+        # stream again each time.
+        self._reads += 1
+        if self._reads >= _PDF_WALK_CACHED or self._objstm_held > _PDF_OBJSTM_HELD:
             self._let_go()
         held = len(self._cache)
         container = self._reader.xref_objStm.get(value.idnum)
@@ -207,6 +213,7 @@ class _PdfWalk:
         for cached in self._added:
             self._cache.pop(cached, None)
         self._added.clear()
+        self._reads = 0
         self._objstm_held = 0
 
     def dictionary(self, role: str, value: Any) -> DictionaryObject | None:
@@ -297,11 +304,22 @@ class _PdfWalk:
         return None
 
 
-def _defined(reader: PdfReader, ref: IndirectObject) -> bool:
-    """Whether the cross-reference table lists ``ref`` (in an object stream or at an
-    offset)."""
-    return (ref.idnum in reader.xref_objStm
-            or ref.idnum in reader.xref.get(ref.generation, {}))
+def _findable(reader: PdfReader, ref: IndirectObject) -> bool:
+    """Whether pypdf finds ``ref`` where the cross-reference table says: in an object
+    stream (generation 0 only, as pypdf looks there), or at an offset whose object header
+    names it. For any other reference pypdf reads and searches the whole file."""
+    if ref.generation == 0 and ref.idnum in reader.xref_objStm:
+        return True
+    start = reader.xref.get(ref.generation, {}).get(ref.idnum)
+    if start is None:
+        return False
+    if reader.xref_free_entry.get(ref.generation, {}).get(ref.idnum, False):
+        return True  # pypdf answers null at once
+    try:
+        reader.stream.seek(start)
+        return bool(reader.read_object_header(reader.stream) == (ref.idnum, ref.generation))
+    except (PyPdfError, ValueError):
+        return False
 
 
 def _entry(dictionary: DictionaryObject, key: str) -> Any:

@@ -395,6 +395,34 @@ def test_references_to_missing_objects_are_null_not_a_search_of_the_file(
     assert searches == []
 
 
+def test_references_pypdf_would_search_the_file_for_are_null(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An entry pointing at another object's header, or a generation the table does not
+    have: pypdf reads the whole file and searches it, once per reference."""
+    import pypdf._reader
+
+    whole_file_reads = []
+    real = pypdf._reader.get_stream_data
+
+    def counted(stream: Any) -> Any:
+        whole_file_reads.append(stream)
+        return real(stream)
+
+    monkeypatch.setattr(pypdf._reader, "get_stream_data", counted)
+    assert inspect(PDF, hostile.pdf_misplaced_references(200)) == {"pages": 1}
+    assert whole_file_reads == []
+
+
+def test_a_form_in_a_large_object_stream_is_decoded_once(flate_calls: list[int]) -> None:
+    """One read from an object stream caches all its objects: letting go of pypdf's cache
+    by their number decoded the stream again at every later read (a 10 KB form with 300
+    fields took 12 s)."""
+    assert inspect(PDF, hostile.pdf_form_in_object_stream(1_100, 300)) == {"pages": 1}
+    object_stream = max(flate_calls)
+    assert flate_calls.count(object_stream) <= 2, flate_calls
+
+
 def test_a_page_listed_many_times_is_walked_once_and_inline_items_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
