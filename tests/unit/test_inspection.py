@@ -401,9 +401,9 @@ def test_references_pypdf_would_search_the_file_for_are_null(
     """An entry pointing at another object's header, or a generation the table does not
     have: pypdf reads the whole file and searches it, once per reference."""
     import pypdf._reader
+    from pypdf._utils import get_stream_data as real
 
     whole_file_reads = []
-    real = pypdf._reader.get_stream_data
 
     def counted(stream: Any) -> Any:
         whole_file_reads.append(stream)
