@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -25,6 +26,7 @@ from docproc.backup.errors import BackupError
 from shared.keys import KeyProvider, KeyProviderError, WrappedKey
 
 SEAL_FIELD: Final = "seal"
+_HEX_MAC: Final = re.compile(r"[0-9a-f]{64}")
 _PURPOSE: Final = "docproc-backup-manifest"
 
 
@@ -79,6 +81,10 @@ def check(keys: KeyProvider, body: Mapping[str, Any], backup_id: str, directory:
     """Raise SealError unless ``body`` carries a seal made with one of ``keys``' KEKs for the
     backup ``backup_id`` stored in ``directory`` (the last part of its location)."""
     raw = body.get(SEAL_FIELD)
+    if raw is None and body.get("format_version") != 1:
+        # Every manifest since format 2 is written sealed: one without is a seal removed.
+        raise SealError("the manifest has no seal, but its format (version "
+                        f"{body.get('format_version')!r}) always has one: it was removed")
     if raw is None:
         raise Unsealed("the manifest is not sealed (made before docproc sealed its manifests, "
                         "or its seal was removed): its checksums catch corruption but not "
@@ -91,8 +97,8 @@ def check(keys: KeyProvider, body: Mapping[str, Any], backup_id: str, directory:
         wrapped = WrappedKey.from_doc({"provider": key["provider"], "key_id": key["key_id"],
                                        "blob": base64.b64decode(key["blob"], validate=True)})
         expected = raw["hmac_sha256"]
-        if not isinstance(expected, str):
-            raise TypeError("hmac_sha256 is not a string")
+        if not isinstance(expected, str) or not _HEX_MAC.fullmatch(expected):
+            raise ValueError("hmac_sha256 is not 64 hexadecimal digits")
     except (KeyError, TypeError, ValueError, binascii.Error, KeyProviderError) as exc:
         raise SealError(f"the manifest's seal is malformed: {exc}") from None
     try:

@@ -421,6 +421,20 @@ def test_the_manifest_seal_catches_a_forged_checksum_a_swapped_or_an_unsealed_ma
         assert [p.path for p in problems] == ["manifest.json"]
         assert "the manifest is not sealed" in problems[0].message
 
+        # A format-2 manifest with its seal cut off is no older backup: never let through.
+        cut = tmp_path / "cut" / manifest.backup_id
+        shutil.copytree(backup, cut)
+        rewrite_manifest(cut, lambda body: body.pop("seal"))
+        # A seal that is not hexadecimal is malformed, not a crash of the comparison.
+        odd = tmp_path / "odd" / manifest.backup_id
+        shutil.copytree(backup, odd)
+        rewrite_manifest(odd, lambda body: body["seal"].update(hmac_sha256="é" * 64))
+        for damaged, message in [(cut, "always has one: it was removed"),
+                                 (odd, "seal is malformed")]:
+            problems = verify_backup(run.svc, str(damaged)).problems
+            assert [p.path for p in problems] == ["manifest.json"]
+            assert message in problems[0].message
+
     with serving(service_settings, **other_installation(keys_from=keys_dir)) as fresh:
         (backup / "manifest.json").write_bytes(forged_manifest)
         for location, refusal in [(manifest.location, "does not match its seal"),
@@ -430,6 +444,8 @@ def test_the_manifest_seal_catches_a_forged_checksum_a_swapped_or_an_unsealed_ma
                 restore_backup(fresh.svc, location)
             assert all(rows == [] for rows in records(fresh.svc).values())
             assert not any(Path(fresh.svc.blobs.root, "objects").rglob("*"))
+        with pytest.raises(RestoreRefused, match="it was removed"):
+            restore_backup(fresh.svc, str(cut), allow_unsealed=True)
         # An operator who trusts the copy may still restore a backup from before the seal.
         restored = restore_backup(fresh.svc, str(unsealed), allow_unsealed=True)
         assert restored.unsealed
