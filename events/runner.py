@@ -35,7 +35,7 @@ from pika.exceptions import AMQPConnectionError, AMQPError
 from events import amqp_codec, topology
 from events.cloudevent import handling
 from events.publisher import amqp_parameters
-from events.subscriptions import RetryPolicy, Subscription, describe
+from events.subscriptions import MAX_HINTED_DELAY, RetryPolicy, Subscription, describe
 from shared.observability import DEAD_LETTERS, HANDLED, RETRIES
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,14 @@ class _NotYetDue(Exception):
 
 
 def _due(props: pika.BasicProperties) -> float | None:
-    """When the message is due, in seconds since the epoch; None: at once."""
+    """When the message is due, in seconds since the epoch; None: at once. A due time
+    further off than any hint may hold an event (another host's clock, a header gone
+    wrong) is not believed: the event would go round the holding queues for ever."""
     value = (props.headers or {}).get(DUE_HEADER)
-    return value / 1000 if isinstance(value, int) and not isinstance(value, bool) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    due = value / 1000
+    return due if due <= time.time() + MAX_HINTED_DELAY else None
 
 
 @dataclass

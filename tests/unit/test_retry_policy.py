@@ -34,6 +34,24 @@ def test_delay_after_a_failure(attempt: int, error: BaseException, delay: float 
     assert POLICY.delay_after(attempt, error) == delay
 
 
+def test_a_due_time_beyond_any_hint_is_not_believed() -> None:
+    """A message carrying a due time further off than a hint may hold it (another host's
+    clock, a header gone wrong) would go round the holding queues for ever."""
+    import time
+
+    import pika
+
+    from events.runner import DUE_HEADER, _due
+
+    def due_in(seconds: float) -> float | None:
+        ms = int((time.time() + seconds) * 1000)
+        return _due(pika.BasicProperties(headers={DUE_HEADER: ms}))
+
+    assert due_in(300) is not None
+    assert due_in(MAX_HINTED_DELAY + 60) is None
+    assert _due(pika.BasicProperties(headers={DUE_HEADER: True})) is None
+
+
 def test_the_holding_queue_for_a_delay_is_the_shortest_that_covers_it() -> None:
     assert [POLICY.queue_delay(d) for d in (0.5, 1.0, 4.0, 30.0)] == [1.0, 1.0, 5.0, 30.0]
     # Longer than every queue: the longest, and the runner sends the event round again
