@@ -232,6 +232,8 @@ class InProcessBus:
         delay = self.policy.delay_after(attempt, exc)
         log.warning("%s: handler failed (attempt %d): %s", name, attempt, describe(exc))
         if delay is None:
+            if self.queue.count_documents(_held(message), limit=1) == 0:
+                return  # taken over meanwhile: the new holder settles it
             DEAD_LETTERS.labels(name).inc()
             # A duplicate: an earlier go recorded it and stopped before taking it off the
             # queue. The dead letter stands, and only that step is left to do.
