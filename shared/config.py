@@ -191,6 +191,8 @@ class Settings(BaseSettings):
             return value
         bad = ValueError("must be an http:// or https:// URL with a host, "
                          "e.g. https://docs.example.com")
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise bad  # urlsplit drops tabs and newlines, where a client would not
         try:
             parts = urlsplit(value)
             port = parts.port  # raises for a port that is not a number or out of range

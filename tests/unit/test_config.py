@@ -75,6 +75,8 @@ def test_environment_selects_real_services(monkeypatch: pytest.MonkeyPatch,
         ("DOCPROC_PUBLIC_URL", "https://docs.test?q=1", "no query"),
         ("DOCPROC_PUBLIC_URL", "https://docs.test/#top", "no query"),
         ("DOCPROC_PUBLIC_URL", "ftp://docs.test", "http:// or https://"),
+        ("DOCPROC_PUBLIC_URL", "https://docs.te\tst", "with a host"),
+        ("FCM_ENDPOINT", " https://fcm.test", "with a host"),
         ("DOCPROC_PORT", "70000", "DOCPROC_PORT"),
         # A mark waiting longer than half the grace would be raced by the relay.
         ("DOCPROC_OUTBOX_GRACE_SECONDS", "3", "DOCPROC_OUTBOX_MARK_LINGER_SECONDS (2) must be "
