@@ -46,9 +46,10 @@ def record(collection: Collection[dict[str, Any]], function: str, event: CloudEv
             "$setOnInsert": {
                 "function": function,
                 "event": {k: str(attrs[k]) for k in KEPT_ATTRIBUTES if attrs.get(k)},
-                "error_code": "400" if refused else attrs.get("knativeerrorcode"),
-                "error_destination": function if refused else attrs.get("knativeerrordest"),
-                "error": refused[:MAX_ERROR_TEXT] if refused
+                "error_code": "400" if refused is not None else attrs.get("knativeerrorcode"),
+                "error_destination": function if refused is not None
+                else attrs.get("knativeerrordest"),
+                "error": refused[:MAX_ERROR_TEXT] if refused is not None
                 else _error_text(attrs.get("knativeerrordata")),
                 "first_at": now,
             },
