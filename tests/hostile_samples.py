@@ -329,10 +329,15 @@ def pdf_misplaced_references(count: int) -> bytes:
     cross-reference table says, alternately: object 5, whose entry points at object 4's
     header, and generation 1 of object 3, which has only generation 0."""
     refs = b" ".join(b"5 0 R" if n % 2 else b"3 1 R" for n in range(count))
-    data = document(catalog=b"/OpenAction [%b]" % refs, extra=[URI_ACTION])
+    return misplaced(document(catalog=b"/OpenAction [%b]" % refs, extra=[URI_ACTION]), 5)
+
+
+def misplaced(data: bytes, number: int) -> bytes:
+    """``data`` (a ``raw_pdf``) with object ``number``'s cross-reference entry pointing at
+    the object before it: a viewer that rebuilds the table still finds the object."""
     table = data.rindex(b"\nxref\n") + 1
-    rows = data[table:].split(b"\n")  # "xref", "0 6", free entry, objects 1..5, trailer
-    rows[7] = rows[6]  # object 5's entry: object 4's offset
+    rows = data[table:].split(b"\n")  # "xref", "0 N", the free entry, then objects 1..
+    rows[2 + number] = rows[1 + number]
     return data[:table] + b"\n".join(rows)
 
 

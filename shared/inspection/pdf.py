@@ -43,6 +43,11 @@ _PDF_WALK_CACHED: Final = 1_000  # of those, how many pypdf may keep cached at a
 # its objects, and keeps it and every object parsed from it. A hostile file points into
 # many such streams: the walk lets go of them past this many decoded bytes held, and
 # refuses a document whose walk would decode more than the second figure in all.
+# References pypdf cannot find where the cross-reference table says: it then searches the
+# whole file for the object, as viewers that rebuild a damaged table find it too (pdf.js
+# does), so the walk lets it, for this many distinct objects; a document needing more is
+# refused rather than searched once per reference.
+_PDF_MAX_REPAIRS: Final = 16
 _PDF_OBJSTM_HELD: Final = _PDF_MAX_DECODED
 _PDF_OBJSTM_WORK: Final = 2 * _PDF_MAX_DECODED
 # pypdf holds every page of the flattened page tree in memory (2-5 KB each), and a page
@@ -150,6 +155,7 @@ class _PdfWalk:
         self._cache: dict[tuple[Any, Any], Any] = reader.resolved_objects
         self._added: list[tuple[Any, Any]] = []
         self._reads = 0  # since pypdf's cache was last let go of
+        self._repairs: set[tuple[int, int]] = set()
         self._objstm_held = 0  # decoded bytes of the object streams in pypdf's cache
         self._objstm_work = 0  # decoded bytes of object streams, in all
 
@@ -181,9 +187,16 @@ class _PdfWalk:
         self.charge(1)
         if ((value.generation, value.idnum) not in self._cache
                 and not _findable(self._reader, value)):
-            # A reference to an undefined object is null (ISO 32000-1, 7.3.10); pypdf
-            # would search the whole file for it, once per reference.
-            return None
+            # Not null, as a table taken at its word would say: a viewer that rebuilds the
+            # table finds an object that is in the file but not (rightly) in the table, and
+            # active content hidden there must be found too. pypdf searches for it.
+            key = (value.idnum, value.generation)
+            if key in self._repairs:
+                return None  # searched for once already, in vain (found, it is findable)
+            self._repairs.add(key)
+            if len(self._repairs) > _PDF_MAX_REPAIRS:
+                raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: more than {_PDF_MAX_REPAIRS} "
+                                      "objects are not where its cross-reference table says")
         # Counted in reads, not in objects cached: one read from an object stream caches
         # all of its objects, and letting go of them at every later read would decode the
         # stream again each time.

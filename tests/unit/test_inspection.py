@@ -375,43 +375,47 @@ def test_active_content_behind_shared_objects_is_found(make: Callable[[], bytes]
     assert rejection(PDF, make()) == reason
 
 
-def test_references_to_missing_objects_are_null_not_a_search_of_the_file(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """pypdf looks for an object the cross-reference table lacks by reading and searching
-    the whole file, once per reference: hours for a large file with many of them."""
-    from pypdf import PdfReader
-
-    searches = []
-    real = PdfReader.get_object
-
-    def counted(reader: PdfReader, ref: Any) -> Any:
-        if isinstance(ref, int) or ref.idnum >= 500_000:
-            searches.append(ref)
-        return real(reader, ref)
-
-    monkeypatch.setattr(PdfReader, "get_object", counted)
-    assert inspect(PDF, hostile.pdf_dangling_references(100)) == {"pages": 1}
-    assert searches == []
-
-
-def test_references_pypdf_would_search_the_file_for_are_null(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An entry pointing at another object's header, or a generation the table does not
-    have: pypdf reads the whole file and searches it, once per reference."""
+@pytest.fixture
+def whole_file_reads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Each time pypdf reads the whole file to search it for an object the cross-reference
+    table does not place (hours, for a large file and many such references)."""
     import pypdf._reader
     from pypdf._utils import get_stream_data as real
 
-    whole_file_reads = []
+    reads: list[Any] = []
 
     def counted(stream: Any) -> Any:
-        whole_file_reads.append(stream)
+        reads.append(stream)
         return real(stream)
 
     monkeypatch.setattr(pypdf._reader, "get_stream_data", counted)
+    return reads
+
+
+def test_active_content_the_table_misplaces_is_found_as_a_viewer_would(
+    whole_file_reads: list[Any],
+) -> None:
+    # pdf.js and others rebuild a damaged table: taking the object for null would let its
+    # JavaScript through.
+    data = hostile.misplaced(hostile.pdf_open_action(), 5)
+    assert rejection(PDF, data) == JAVASCRIPT
+    assert len(whole_file_reads) == 1
+
+
+def test_an_object_is_searched_for_once_however_often_it_is_referred_to(
+    whole_file_reads: list[Any],
+) -> None:
+    # 200 references to two objects out of place: one found by the search, one not
     assert inspect(PDF, hostile.pdf_misplaced_references(200)) == {"pages": 1}
-    assert whole_file_reads == []
+    assert len(whole_file_reads) == 2
+
+
+def test_many_objects_outside_the_table_are_refused_after_a_few_searches(
+    whole_file_reads: list[Any],
+) -> None:
+    reason = rejection(PDF, hostile.pdf_dangling_references(100))
+    assert reason.startswith(TOO_COMPLEX)
+    assert len(whole_file_reads) <= inspection_pdf._PDF_MAX_REPAIRS
 
 
 def test_a_form_in_a_large_object_stream_is_decoded_once(flate_calls: list[int]) -> None:
