@@ -350,27 +350,15 @@ def heic_metadata(stream: BinaryIO, size: int) -> dict[str, Any]:
 
 def _heic_top_level(stream: BinaryIO, size: int) -> dict[bytes, bytes]:
     """The top-level boxes by type, with the payload of `meta` only (the media data is
-    never read); heic_end has checked that they tile the file."""
+    never read), up to where heic_end says the image ends."""
     found: dict[bytes, bytes] = {}
-    pos = 0
-    while pos + 8 <= size:
-        header = read_at(stream, pos, 16)
-        box_size, kind = struct.unpack_from(">I4s", header)
-        header_size = 8
-        if box_size == 1:
-            (box_size,) = struct.unpack_from(">Q", header, 8)
-            header_size = 16
-        elif box_size == 0:
-            box_size = size - pos
-        if box_size < header_size:
-            break  # heic_end stopped here: what follows is not a box
+    for pos, kind, header_size, box_size in _top_level_boxes(stream, size):
         payload = b""
         if kind == b"meta":
             if box_size - header_size > _HEIC_META_MAX:
                 raise _Malformed(f"HEIC metadata larger than {_HEIC_META_MAX} bytes")
             payload = read_at(stream, pos + header_size, box_size - header_size)
         found.setdefault(kind, payload)
-        pos += box_size
     return found
 
 
@@ -396,13 +384,22 @@ def _heic_boxes(data: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 def heic_end(stream: BinaryIO, size: int) -> int:
     """Offset where the top-level ISO BMFF boxes stop describing the file."""
+    end = 0
+    for pos, _, _, box_size in _top_level_boxes(stream, size):
+        end = pos + box_size
+    return end
+
+
+def _top_level_boxes(stream: BinaryIO, size: int) -> Iterator[tuple[int, bytes, int, int]]:
+    """(offset, type, header size, box size) of each top-level box, until what follows is
+    not a box (the end of the image; anything after it is trailing data)."""
     pos = 0
     for _ in range(_MAX_HEIC_BOXES):
         if pos >= size:
-            return pos
+            return
         header = read_at(stream, pos, 16)
         if len(header) < 8:
-            return pos
+            return
         box_size, kind = struct.unpack_from(">I4s", header)
         header_size = 8
         if box_size == 1 and len(header) == 16:
@@ -412,7 +409,8 @@ def heic_end(stream: BinaryIO, size: int) -> int:
             box_size = size - pos  # the last box runs to the end of the file
         if (box_size < header_size or pos + box_size > size
                 or not all(0x20 <= c <= 0x7E for c in kind)):
-            return pos  # not a box: whatever is here follows the image
+            return  # not a box: whatever is here follows the image
+        yield pos, kind, header_size, box_size
         pos += box_size
     raise _Malformed("HEIC has too many boxes")
 
