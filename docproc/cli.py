@@ -10,7 +10,10 @@ import sys
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING
 
+from pymongo.errors import ConnectionFailure
+
 from shared.config import ConfigError, load_settings
+from shared.mongo import unreachable
 from shared.observability import setup_logging
 
 if TYPE_CHECKING:
@@ -45,7 +48,7 @@ def _worker(args: argparse.Namespace) -> int:
     if not settings.mongodb_uri:
         raise ConfigError("MONGODB_URI: workers in separate processes must share a MongoDB "
                           "server; the embedded one belongs to a single process")
-    svc = build_services(settings)
+    svc = build_services(settings, wait_for_database_seconds=settings.startup_wait_seconds)
     runner = RabbitRunner(settings.amqp_url, settings.amqp_prefix,
                           EVENT_FUNCTIONS[args.name](svc), RetryPolicy(settings.retry_delays),
                           args.concurrency or settings.worker_concurrency, settings.worker_batch)
@@ -450,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, LookupError) as exc:
         print(f"docproc: {exc}", file=sys.stderr)
         return 2
+    except ConnectionFailure as exc:
+        print(f"docproc: database unreachable: {unreachable(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

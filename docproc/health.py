@@ -9,6 +9,7 @@ Prometheus exposition.
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -18,13 +19,16 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pika
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 from werkzeug.routing import Map
 from werkzeug.wrappers import Request, Response
 
-from docproc.runtime import Services
+from docproc.runtime import Services, services
 from shared.errors import ApiError
 from shared.http import Endpoint, dispatch, error_response, json_response
+from shared.mongo import unreachable
+
+log = logging.getLogger(__name__)
 
 PATHS = ("/healthz", "/readyz", "/metrics")
 
@@ -68,12 +72,48 @@ def respond(svc: Services, path: str, needs_broker: bool) -> Response:
                          200 if ready else 503)
 
 
+def not_started(path: str, exc: ConnectionFailure) -> Response:
+    """The answer of a function whose services could not be built because MongoDB does not
+    answer: alive (so the kubelet does not restart it into a crash loop while the database
+    is away), not ready, and a 503 the client may retry rather than a 500."""
+    if path == "/healthz":
+        return json_response({"status": "ok"})
+    if path == "/metrics":
+        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    log.warning("database unavailable: %s", unreachable(exc))
+    if path == "/readyz":
+        return json_response({"status": "unavailable",
+                              "checks": {"mongodb": f"unreachable: {type(exc).__name__}"}}, 503)
+    return error_response(ApiError(503, "unavailable", "database unavailable, retry later",
+                                   {"Retry-After": "5"}))
+
+
+def function_request(handle: Callable[[Services, Request], Response],
+                     request: Request) -> Response:
+    """A request to an HTTP function run by functions-framework, whose services are built on
+    first use. Liveness does not wait for them (building them waits seconds for a database
+    that does not answer, longer than the probe's timeout)."""
+    if request.method == "GET" and request.path == "/healthz":
+        return json_response({"status": "ok"})
+    try:
+        svc = services()
+    except ConnectionFailure as exc:
+        return not_started(request.path, exc)
+    return handle(svc, request)
+
+
 def add_to_flask(app: Any, svc: Callable[[], Services], needs_broker: bool) -> None:
     """Give a functions-framework CloudEvent app (which routes only POSTs to the function)
     the three GET endpoints."""
     for path in PATHS:
         def view(path: str = path) -> Response:
-            return respond(svc(), path, needs_broker)
+            if path == "/healthz":
+                return json_response({"status": "ok"})
+            try:
+                built = svc()
+            except ConnectionFailure as exc:
+                return not_started(path, exc)
+            return respond(built, path, needs_broker)
 
         app.add_url_rule(path, endpoint=f"docproc{path.replace('/', '_')}", view_func=view,
                          methods=["GET"])

@@ -30,6 +30,9 @@ class Pipeline:
         """``consumers=False`` serves HTTP and publishes only, leaving the event functions to
         `docproc worker` processes (RabbitMQ)."""
         self.settings = settings
+        # A MongoDB server may still be starting (a host or deploy restarting together); the
+        # embedded one answers at once.
+        wait = settings.startup_wait_seconds if settings.mongodb_uri else 0.0
         policy = RetryPolicy(settings.retry_delays)
         self.bus: InProcessBus | None = None
         self.runners: list[RabbitRunner] = []
@@ -37,7 +40,7 @@ class Pipeline:
         if settings.amqp_url or settings.k_sink:
             # Events leave the process: to RabbitMQ (consumed here unless `consumers` is
             # false) or to a Knative sink, whose broker delivers them to the functions.
-            self.services = build_services(settings)
+            self.services = build_services(settings, wait_for_database_seconds=wait)
             amqp_url = settings.amqp_url
             for make in EVENT_FUNCTIONS.values():
                 if not consumers or amqp_url is None:
@@ -47,7 +50,7 @@ class Pipeline:
                     settings.worker_concurrency, settings.worker_batch))
         else:
             require_own_embedded(settings)
-            self.services = build_services(settings)
+            self.services = build_services(settings, wait_for_database_seconds=wait)
             self.bus = InProcessBus(policy, self.services.mongo.db,
                                     concurrency=min(settings.worker_concurrency, 4),
                                     exclusive=self.services.mongo.embedded is not None)

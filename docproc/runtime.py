@@ -27,7 +27,7 @@ from shared.deliveries import DeliveryRepository
 from shared.documents import DocumentRepository
 from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
 from shared.links import KeyringFile, LinkKey, LinkSigner, configured_keys
-from shared.mongo import MongoHandle, open_mongo
+from shared.mongo import MongoHandle, open_mongo, wait_for_database
 from shared.observability import HANDLED, setup_logging
 from shared.outbox_marks import PublishedMarks
 from shared.push import FcmSender, OutboxSender, PushSender
@@ -80,7 +80,11 @@ class Services:
         self.mongo.close()
 
 
-def build_services(settings: Settings, publisher: Publisher | None = None) -> Services:
+def build_services(settings: Settings, publisher: Publisher | None = None,
+                   wait_for_database_seconds: float = 0.0) -> Services:
+    """Everything a function uses. ``wait_for_database_seconds``: how long a process that
+    starts waits for a MongoDB server that does not answer yet; a one-off command fails at
+    once instead."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     mongo = open_mongo(settings)
     cache: Cache = (
@@ -96,6 +100,7 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         FcmSender(settings.firebase_credentials, endpoint=settings.fcm_endpoint)
         if settings.firebase_credentials else OutboxSender(settings.outbox_path)
     )
+    given = publisher
     if publisher is None:
         if settings.amqp_url:
             publisher = AmqpPublisher(settings.amqp_url, settings.amqp_prefix,
@@ -121,12 +126,22 @@ def build_services(settings: Settings, publisher: Publisher | None = None) -> Se
         marks=PublishedMarks(documents, settings.outbox_mark_linger_seconds),
         publisher=publisher,
     )
-    # An embedded database this process started is its alone: no older version can be
-    # writing to it. One that another process serves (a command run beside `docproc serve`)
-    # may be an older version's, which still needs what the migration drops.
-    svc.documents.ensure_indexes(migrate=mongo.embedded is not None)
-    for other in (svc.users, svc.deliveries, svc.audit):
-        other.ensure_indexes()
+
+    def prepare() -> None:
+        # An embedded database this process started is its alone: no older version can be
+        # writing to it. One that another process serves (a command run beside `docproc
+        # serve`) may be an older version's, which still needs what the migration drops.
+        svc.documents.ensure_indexes(migrate=mongo.embedded is not None)
+        for other in (svc.users, svc.deliveries, svc.audit):
+            other.ensure_indexes()
+
+    try:
+        wait_for_database(prepare, wait_for_database_seconds)
+    except BaseException:
+        if given is not None:
+            svc.publisher = None  # the caller's to close
+        svc.close()
+        raise
     return svc
 
 

@@ -13,13 +13,17 @@ import logging
 from typing import Any
 
 import gunicorn.app.base
+from gunicorn.arbiter import Arbiter
+from pymongo.errors import ConnectionFailure
 
 from docproc import heap
 from docproc.pipeline import Pipeline
 from shared.config import ConfigError, Settings
-from shared.mongo import require_own_embedded
+from shared.mongo import require_own_embedded, unreachable
 
 log = logging.getLogger(__name__)
+
+WORKER_BOOT_ERROR = Arbiter.WORKER_BOOT_ERROR
 
 
 class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
@@ -55,7 +59,14 @@ class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        self.pipeline = Pipeline(self.settings, consumers=self.consumers).start()
+        try:
+            self.pipeline = Pipeline(self.settings, consumers=self.consumers).start()
+        except ConnectionFailure as exc:
+            # One line rather than gunicorn's traceback; the exit code is gunicorn's "worker
+            # failed to boot", which stops the server rather than start another worker.
+            log.error("docproc: database unreachable after %.0f s: %s",
+                      self.settings.startup_wait_seconds, unreachable(exc))
+            raise SystemExit(WORKER_BOOT_ERROR) from None
         heap.settle()  # in the worker process: gunicorn calls load() after the fork
         log.info("docproc serving on %s (events: %s, MongoDB: %s)", self.options["bind"],
                  "RabbitMQ" if self.settings.amqp_url else "in-process bus",

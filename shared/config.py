@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     )
     relay_interval_seconds: float = Field(default=2.0, gt=0,
                                           validation_alias="DOCPROC_RELAY_INTERVAL_SECONDS")
+    # How long `docproc worker` and `docproc serve` wait for a MongoDB server that does not
+    # answer when they start (a deploy racing the database's own restart) before giving up.
+    startup_wait_seconds: float = Field(default=300.0, ge=0, le=3600.0,
+                                        validation_alias="DOCPROC_STARTUP_WAIT_SECONDS")
     worker_concurrency: int = Field(
         default=4, ge=1, le=256, validation_alias="DOCPROC_WORKER_CONCURRENCY"
     )

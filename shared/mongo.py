@@ -8,13 +8,21 @@ running as separate processes must share a real server through ``MONGODB_URI``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pymongo import MongoClient
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_before_delay,
+    wait_exponential,
+)
 
 from shared.config import ConfigError, Settings
 
@@ -39,6 +47,32 @@ class MongoHandle:
             self.embedded = None
             if self.uri_file is not None:
                 self.uri_file.unlink(missing_ok=True)
+
+
+def unreachable(exc: ConnectionFailure) -> str:
+    """The reason in one line: pymongo's message goes on with the timeouts it was given and
+    the whole topology, which an operator reading a start-up failure does not need."""
+    text = str(exc).split(", Timeout: ")[0].split(", Topology Description: ")[0]
+    return text.split(" (configured timeouts")[0].strip() or type(exc).__name__
+
+
+def wait_for_database(prepare: Callable[[], None], seconds: float) -> None:
+    """Run ``prepare`` (the first database work of a process that starts), trying again
+    while no server answers, for up to ``seconds``. A refusal by a server that does answer
+    (bad credentials, say) is not waited out."""
+
+    def waiting(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("waiting for the database (%.0f of %.0f s): %s",
+                    state.seconds_since_start or 0.0, seconds,
+                    unreachable(exc) if isinstance(exc, ConnectionFailure) else exc)
+
+    for attempt in Retrying(stop=stop_before_delay(seconds),
+                            wait=wait_exponential(multiplier=0.5, max=10.0),
+                            retry=retry_if_exception_type(ConnectionFailure),
+                            before_sleep=waiting, reraise=True):
+        with attempt:
+            prepare()
 
 
 def running_embedded_uri(settings: Settings) -> str | None:

@@ -89,7 +89,7 @@ def functions_framework(name: str, target: str, signature: str, env: Mapping[str
             "--target", target, "--signature-type", signature, "--host", "127.0.0.1",
             "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
-    return base, process(args, {**env, "PORT": str(port)}, ready_url=base + "/", log=log)
+    return base, process(args, {**env, "PORT": str(port)}, ready_url=base + "/healthz", log=log)
 
 
 def peak_rss_bytes(pid: int) -> int:

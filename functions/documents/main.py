@@ -10,8 +10,8 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from docproc.apidoc import asyncapi, openapi
-from docproc.health import http_function
-from docproc.runtime import Services, services
+from docproc.health import function_request, http_function
+from docproc.runtime import Services
 from functions.documents import manage
 from functions.documents.upload import upload
 from shared.http import Endpoint, json_response
@@ -53,4 +53,4 @@ handle = http_function(ROUTES, ENDPOINTS)
 
 @functions_framework.http
 def documents(request: Request) -> Response:
-    return handle(services(), request)
+    return function_request(handle, request)

@@ -18,8 +18,8 @@ import functions_framework
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from docproc.health import http_function
-from docproc.runtime import Services, services
+from docproc.health import function_request, http_function
+from docproc.runtime import Services
 from shared.access import authenticate, request_id
 from shared.blobstore import Area
 from shared.documents import Document, Status
@@ -127,4 +127,4 @@ handle = http_function(ROUTES, ENDPOINTS)
 
 @functions_framework.http
 def download_file(request: Request) -> Response:
-    return handle(services(), request)
+    return function_request(handle, request)

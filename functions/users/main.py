@@ -12,8 +12,8 @@ import functions_framework
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from docproc.health import http_function
-from docproc.runtime import Services, services
+from docproc.health import function_request, http_function
+from docproc.runtime import Services
 from shared.access import authenticate, request_id, require_agent
 from shared.errors import ApiError, bad_request, not_found
 from shared.http import Endpoint, json_response, parse_body
@@ -138,4 +138,4 @@ handle = http_function(ROUTES, ENDPOINTS)
 
 @functions_framework.http
 def users(request: Request) -> Response:
-    return handle(services(), request)
+    return function_request(handle, request)

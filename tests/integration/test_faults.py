@@ -155,13 +155,32 @@ def test_mongodb_outage_refuses_uploads_and_in_flight_events_finish_after(
             assert sorted(p.name for p in staged) == sorted(ids)  # nothing of the refused one
             env = settings_env(run.svc.settings)
             worker = [str(BIN / "docproc"), "worker"]
+            logs = {name: tmp_path / f"{name}.log" for name in ("storage", "notification")}
             with process([*worker, "storage", "--ops-port", "0"], env,
-                         log=tmp_path / "storage.log"), \
+                         log=logs["storage"]) as storage, \
                     process([*worker, "notification", "--ops-port", "0"], env,
-                            log=tmp_path / "notification.log"):
-                time.sleep(3)  # the workers fail against the dead database and back off
+                            log=logs["notification"]):
+                # Workers started while the database is away wait for it (they used to
+                # exit with a traceback, leaving the events to nobody).
+                for log in logs.values():
+                    wait_for(lambda log=log: "waiting for the database" in log.read_text(),
+                             timeout=30, what=f"{log.stem} to wait for the database")
                 own.start()
                 _assert_once_each(run, fcm, "outage-phone", ids)
+
+                # Events a running worker has taken when the database goes away are retried
+                # through the outage. Stopped, the worker holds them unhandled until then.
+                storage.send_signal(signal.SIGSTOP)
+                try:
+                    more = _upload_many(run, 5)
+                    own.stop()
+                finally:
+                    storage.send_signal(signal.SIGCONT)
+                wait_for(lambda: "handler failed" in logs["storage"].read_text(), timeout=30,
+                         what="storage to fail against the stopped database")
+                own.start()
+                _assert_once_each(run, fcm, "outage-phone", ids + more)
+            assert "Traceback" not in logs["storage"].read_text()
             store = dead_letters(run.svc)  # retried through the outage, never dead-lettered
             assert store.list("storage") == store.list("notification") == []
     finally:
