@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from werkzeug.exceptions import BadRequest
+from pymongo.errors import ConnectionFailure
+from werkzeug.exceptions import BadRequest, ServiceUnavailable
 
 from events.cloudevent import MalformedEvent
 from events.publisher import AmqpPublisher, HttpSinkPublisher, Publisher
@@ -27,7 +28,7 @@ from shared.deliveries import DeliveryRepository
 from shared.documents import DocumentRepository
 from shared.keys import KeyProvider, KmsKeyProvider, LocalKeyring
 from shared.links import KeyringFile, LinkKey, LinkSigner, configured_keys
-from shared.mongo import MongoHandle, open_mongo, wait_for_database
+from shared.mongo import MongoHandle, open_mongo, unreachable, wait_for_database
 from shared.observability import HANDLED, setup_logging
 from shared.outbox_marks import PublishedMarks
 from shared.push import FcmSender, OutboxSender, PushSender
@@ -188,12 +189,25 @@ def as_http_status(event: Any, function: str) -> Iterator[None]:
         # Kept here, where `docproc dlq` finds it, because eventing-rabbitmq takes a 400 as
         # delivered (it retries and dead-letters only 5xx, 404, 408, 409 and 429) and would
         # drop it. Should keeping it fail, the 500 that follows has it retried, not lost.
-        record(services().mongo.db[COLLECTION], function, event, refused=str(exc))
+        try:
+            record(services().mongo.db[COLLECTION], function, event, refused=str(exc))
+        except ConnectionFailure as down:
+            raise _database_away(down) from exc
         raise BadRequest(str(exc)) from exc
+    except ConnectionFailure as exc:
+        HANDLED.labels(function, "failed").inc()
+        raise _database_away(exc) from exc
     except Exception:
         HANDLED.labels(function, "failed").inc()
         raise
     HANDLED.labels(function, "ok").inc()
+
+
+def _database_away(exc: ConnectionFailure) -> ServiceUnavailable:
+    """A 503, which Knative retries with backoff, in one log line rather than the traceback
+    functions-framework logs for the 500 of any other exception."""
+    log.warning("database unavailable: %s", unreachable(exc))
+    return ServiceUnavailable("database unavailable, retry later")
 
 
 def install(svc: Services | None) -> None:

@@ -64,6 +64,10 @@ def _pushes_per_document(fcm: FcmStub, token: str) -> Counter[str]:
     return Counter(m["data"]["document_id"] for m in fcm.messages_for(token))
 
 
+def _wait_in_log(log: Path, text: str) -> None:
+    wait_for(lambda: text in log.read_text(), timeout=30, what=f"{text!r} in {log.name}")
+
+
 def _assert_once_each(run: Running, fcm: FcmStub, token: str, ids: list[str]) -> None:
     """Every document stored exactly once and announced exactly once."""
     started = time.monotonic()
@@ -163,8 +167,7 @@ def test_mongodb_outage_refuses_uploads_and_in_flight_events_finish_after(
                 # Workers started while the database is away wait for it (they used to
                 # exit with a traceback, leaving the events to nobody).
                 for log in logs.values():
-                    wait_for(lambda log=log: "waiting for the database" in log.read_text(),
-                             timeout=30, what=f"{log.stem} to wait for the database")
+                    _wait_in_log(log, "waiting for the database")
                 own.start()
                 _assert_once_each(run, fcm, "outage-phone", ids)
 
@@ -176,8 +179,7 @@ def test_mongodb_outage_refuses_uploads_and_in_flight_events_finish_after(
                     own.stop()
                 finally:
                     storage.send_signal(signal.SIGCONT)
-                wait_for(lambda: "handler failed" in logs["storage"].read_text(), timeout=30,
-                         what="storage to fail against the stopped database")
+                _wait_in_log(logs["storage"], "handler failed")  # against the stopped database
                 own.start()
                 _assert_once_each(run, fcm, "outage-phone", ids + more)
             assert "Traceback" not in logs["storage"].read_text()
