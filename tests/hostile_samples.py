@@ -721,3 +721,31 @@ def heic(size: tuple[int, int] | None = (4032, 3024), *, media_data: bool = True
 
 def heic_with_appended_script() -> bytes:
     return heic() + b"<script>alert(document.domain)</script>\n" * 16
+
+
+def pdf_nested_arrays(arrays: int, items: int) -> bytes:
+    """A catalog holding ``arrays`` arrays of ``items`` zeros each: every array within
+    pypdf's per-array limit, the whole costing some 80 bytes of memory per 2 bytes of file
+    as pypdf opens the document."""
+    row = b"[" + b"0 " * items + b"]"
+    return document(catalog=b"/Junk [" + row * arrays + b"]")
+
+
+def tiff_long_tag(values: int) -> bytes:
+    """A one-page TIFF whose StripOffsets tag declares ``values`` LONG values (all present,
+    so the file is ``4 * values`` bytes): Pillow reads them into a tuple as it opens it."""
+    table = 8 + 2 + 8 * 12 + 4
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8))
+    out += struct.pack("<H", 8)
+    out += struct.pack("<HHII", 256, 4, 1, 1)  # ImageWidth
+    out += struct.pack("<HHII", 257, 4, 1, values)  # ImageLength: one row per strip
+    out += struct.pack("<HHIHH", 258, 3, 1, 1, 0)  # BitsPerSample
+    out += struct.pack("<HHIHH", 259, 3, 1, 1, 0)  # Compression: none
+    out += struct.pack("<HHIHH", 262, 3, 1, 1, 0)  # Photometric: black is zero
+    out += struct.pack("<HHII", 273, 4, values, table)  # StripOffsets, out of line
+    out += struct.pack("<HHII", 278, 4, 1, 1)  # RowsPerStrip
+    out += struct.pack("<HHII", 279, 4, 1, 1)  # StripByteCounts
+    out += struct.pack("<I", 0)
+    assert len(out) == table
+    out += struct.pack("<I", table) * values
+    return bytes(out)

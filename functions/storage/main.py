@@ -39,14 +39,16 @@ from shared.blobstore import Area, release_pages
 from shared.documents import Document, Outcome, Status
 from shared.envelope import EnvelopeError, EnvelopeReader, decrypt_stream
 from shared.inspection import SNIFF_BYTES, InvalidDocument, extract_metadata, sniff
+from shared.inspection.isolated import INSPECT_IN_PROCESS, inspect_isolated, needs_isolation
 from shared.observability import PROCESSING
 from shared.sealed import seal, unseal
 
 log = logging.getLogger(__name__)
 
 # Up to this size a document is inspected from the plaintext its verification produced:
-# memory for it is bounded per handler thread, and larger documents are read again.
-INSPECT_IN_MEMORY = 1024 * 1024
+# memory for it is bounded per handler thread, and larger documents are read again (a PDF
+# or TIFF in a child process: shared/inspection/isolated.py).
+INSPECT_IN_MEMORY = INSPECT_IN_PROCESS
 
 
 @dataclass
@@ -200,6 +202,11 @@ def _examine(svc: Services, doc: Document, area: Area, data_key: bytes) -> Verdi
     try:
         if kept is not None:
             metadata = extract_metadata(media_type, io.BytesIO(b"".join(kept)))
+        elif needs_isolation(media_type, size):
+            metadata = inspect_isolated(
+                media_type, svc.blobs.path(area, doc.id), data_key, aad,
+                memory_bytes=svc.settings.inspection_memory_mib * 1024 * 1024,
+                seconds=svc.settings.inspection_seconds)
         else:
             with svc.blobs.open(area, doc.id) as source:
                 plain = io.BufferedReader(EnvelopeReader(data_key, source, associated_data=aad))

@@ -4,12 +4,15 @@ larger ones, which are read a second time through a decrypting view."""
 
 from __future__ import annotations
 
+import io
+import random
 import secrets
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, BinaryIO, cast
 
 import pytest
+from PIL import Image
 
 from docproc.runtime import Services
 from functions.storage.main import INSPECT_IN_MEMORY, Verdict, _examine
@@ -37,7 +40,8 @@ class CountingBlobStore(BlobStore):
         return super().open(area, doc_id)
 
 
-def _stage(blobs: BlobStore, data: bytes) -> tuple[Document, bytes]:
+def _stage(blobs: BlobStore, data: bytes,
+           declared_type: str = "application/pdf") -> tuple[Document, bytes]:
     doc_id = new_document_id()
     key = secrets.token_bytes(32)
     with blobs.writer(Area.STAGING, doc_id) as staged:
@@ -46,15 +50,17 @@ def _stage(blobs: BlobStore, data: bytes) -> tuple[Document, bytes]:
         writer.close()
     now = utcnow()
     doc = Document(_id=doc_id, owner="driver-1", filename="pod.pdf",
-                   declared_type="application/pdf", size=len(data), sha256="0" * 64,
+                   declared_type=declared_type, size=len(data), sha256="0" * 64,
                    created_at=now, updated_at=now, wrapped_key={},
                    upload_event_id=new_document_id())
     return doc, key
 
 
-def _examine_staged(blobs: BlobStore, doc: Document, key: bytes) -> Verdict:
-    svc: Any = SimpleNamespace(blobs=blobs,
-                               settings=SimpleNamespace(allowed_types=DEFAULT_ALLOWED_TYPES))
+def _examine_staged(blobs: BlobStore, doc: Document, key: bytes,
+                    inspection_memory_mib: int = 256) -> Verdict:
+    svc: Any = SimpleNamespace(blobs=blobs, settings=SimpleNamespace(
+        allowed_types=DEFAULT_ALLOWED_TYPES, inspection_memory_mib=inspection_memory_mib,
+        inspection_seconds=120.0))
     return _examine(cast(Services, svc), doc, Area.STAGING, key)
 
 
@@ -87,9 +93,28 @@ def test_a_small_document_is_read_once_and_a_large_one_twice(tmp_path: Path) -> 
     assert len(small) <= INSPECT_IN_MEMORY
     _, opened = _examined(tmp_path / "small", small)
     assert opened == 1
-    large = samples.pdf(b"pod", padding=INSPECT_IN_MEMORY)
-    _, opened = _examined(tmp_path / "large", large)
-    assert opened == 2
+    # A large JPEG is read again here; a large PDF or TIFF by a child process (below).
+    noise = Image.frombytes("RGB", (1024, 1024), random.Random(7).randbytes(3 * 1024 * 1024))
+    out = io.BytesIO()
+    noise.save(out, "JPEG", quality=95)
+    large = out.getvalue()
+    assert len(large) > INSPECT_IN_MEMORY
+    blobs = CountingBlobStore(tmp_path / "large")
+    doc, key = _stage(blobs, large, "image/jpeg")
+    assert _examine_staged(blobs, doc, key).status == Status.STORED
+    assert blobs.opened == 2
+
+
+def test_a_large_tiff_exhausting_the_inspection_memory_is_rejected(tmp_path: Path) -> None:
+    """In this process it was stored, after holding some 300 MiB (Pillow reading a tag of
+    a million values): a few such uploads at once took the pod past its memory limit."""
+    blobs = CountingBlobStore(tmp_path / "efs")
+    doc, key = _stage(blobs, hostile.tiff_long_tag(1_000_000), "image/tiff")
+    verdict = _examine_staged(blobs, doc, key, inspection_memory_mib=64)
+    assert verdict.status == Status.REJECTED
+    assert verdict.reason is not None
+    assert "memory" in verdict.reason
+    assert blobs.opened == 1  # the child read it the second time
 
 
 def test_a_tampered_object_fails_before_any_inspection(tmp_path: Path) -> None:
