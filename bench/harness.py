@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from bench.procs import MIB
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
+HELPER_SAMPLE = 0.05
 
 
 class Receipts:
@@ -53,16 +55,37 @@ class Receipts:
 
 @dataclass
 class Tracked:
-    """The processes whose CPU and memory are reported, by role."""
+    """The processes whose CPU and memory are reported, by role.
+
+    A docproc process's helpers (the processes it starts that are not tracked themselves:
+    the forkserver and the children inspecting large PDFs and TIFFs) are counted with it
+    for CPU. Their memory is reported apart, as ``<role> helpers``: the most any one of
+    them held, sampled every ``HELPER_SAMPLE`` seconds (a child is gone by the end of the
+    workload, and its high-water mark with it)."""
 
     app: dict[str, int] = field(default_factory=dict)  # docproc processes
     infra: dict[str, int] = field(default_factory=dict)  # services and the FCM stub
+    helper_peaks: dict[str, int] = field(default_factory=dict)
+
+    def helpers(self, pid: int) -> list[int]:
+        tracked = set(self.app.values())
+        out: list[int] = []
+        todo = [c for c in procs.children(pid) if c not in tracked]
+        while todo and len(out) < 64:
+            current = todo.pop()
+            out.append(current)
+            todo += [c for c in procs.children(current) if c not in tracked and c not in out]
+        return out
 
     def cpu(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for role, pid in {**self.app, **self.infra}.items():
             times = procs.cpu_times(pid)
             out[role] = times.total if times else 0.0
+            if role in self.app:
+                # A helper's reaped children are in its own children's times.
+                out[role] += sum(t.total for h in self.helpers(pid)
+                                 if (t := procs.cpu_times(h)) is not None)
         times = procs.cpu_times(os.getpid())
         out["client"] = times.total if times else 0.0
         return out
@@ -73,20 +96,39 @@ class Tracked:
         for role, pid in self.app.items():
             times = procs.cpu_times(pid)
             out[role] = times.system + times.children_system if times else 0.0
+            out[role] += sum(t.system + t.children_system for h in self.helpers(pid)
+                             if (t := procs.cpu_times(h)) is not None)
         return out
+
+    def start_sampling(self) -> None:
+        def sample() -> None:
+            while True:
+                for role, pid in list(self.app.items()):
+                    for helper in self.helpers(pid):
+                        peak = procs.peak_rss(helper) or 0
+                        if peak > self.helper_peaks.get(role, 0):
+                            self.helper_peaks[role] = peak
+                time.sleep(HELPER_SAMPLE)
+
+        threading.Thread(target=sample, daemon=True, name="helper-peaks").start()
 
     def reset_peaks(self) -> None:
         for pid in self.app.values():
             procs.reset_peak(pid)
+            for helper in self.helpers(pid):
+                procs.reset_peak(helper)
         for role, pid in self.infra.items():
             if role == "secantusd":
                 procs.reset_peak(pid)
+        self.helper_peaks.clear()
 
     def peaks(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         for role, pid in self.app.items():
             peak = procs.peak_rss(pid)
             out[role] = round(peak / MIB, 1) if peak else None
+        for role, helper_peak in self.helper_peaks.items():
+            out[f"{role} helpers"] = round(helper_peak / MIB, 1)
         if "secantusd" in self.infra:
             peak = procs.peak_rss(self.infra["secantusd"])
             out["secantusd"] = round(peak / MIB, 1) if peak else None

@@ -177,6 +177,7 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
         result["idle_rss_mib"] = {role: round((procs.rss(pid) or 0) / MIB, 1)
                                   for role, pid in tracked.app.items()}
         result["startup_peak_rss_mib"] = tracked.peaks()
+        tracked.start_sampling()
         users = [f"bench-{h.run_id}-{mode}-{n}" for n in range(USERS)]
         for n, user in enumerate(users):
             resp = requests.post(f"http://127.0.0.1:{port}/v1/users/me/devices", timeout=30,
