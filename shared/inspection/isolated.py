@@ -1,20 +1,23 @@
-"""Inspecting a large PDF or TIFF in a child process, under a memory budget and a deadline.
+"""Inspecting a large PDF or TIFF in another process, under a memory budget and a deadline.
 
 The parsers' own limits bound most hostile files, but not all: pypdf caps each array, not
 how many there are (a 4 MB PDF of arrays held 200 MiB while it opened), and Pillow reads a
 TIFF tag's values whatever their number (a 16 MB file declaring four million held 1.2 GiB,
 and was stored). Memory and time grow with the file's size, so documents up to
 ``INSPECT_IN_PROCESS`` are inspected in the function's own process (the worst of them
-costs tens of MiB), and larger ones in a child: one that grows past its memory budget or
-its deadline is killed and its document rejected. Small documents, nearly all of them,
-pay nothing for this; a large one pays some 20 ms.
+costs tens of MiB), and larger ones by an inspector process: one that grows past its
+memory budget or its deadline is killed and the document rejected. Small documents,
+nearly all of them, pay nothing for this.
 
-Children are forked from a ``forkserver`` that has the parsers imported already: forking
-the function's own process is unsafe (it runs threads) and starting Python afresh costs a
-quarter of a second. At most ``MAX_CHILDREN`` run at once per process, so that the pod's
-memory limit holds them (knative/base/functions/storage.yaml: 768 MiB, with the function
-itself under 150 MiB and two children of 256 MiB each).
+Inspectors are long-lived, one document at a time each, at most ``MAX_INSPECTORS`` per
+process (so that the pod's memory limit holds them: knative/base/functions/storage.yaml
+gives 768 MiB, the function itself stays under 150 MiB, and two inspectors may take
+256 MiB each). A process per document cost 0.3-0.4 s of waiting each under load: starting
+one takes the parent a dozen round trips, each waiting for the GIL its busy threads hold.
+They are forked from a ``forkserver`` with the parsers imported (forking the function's
+own process is unsafe: it runs threads), and one that grew while inspecting is replaced.
 """
+
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import os
 import resource
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -35,46 +39,113 @@ from shared.inspection.extract import extract_metadata
 
 INSPECT_IN_PROCESS = 1024 * 1024
 ISOLATED_TYPES = frozenset({"application/pdf", "image/tiff"})
-MAX_CHILDREN = 2
+MAX_INSPECTORS = 2
 MIB = 1024 * 1024
-# How often the parent looks at the child's memory: a parser allocating a GiB a second
+# How often the parent looks at an inspector's memory: a parser allocating a GiB a second
 # overshoots the budget by some 20 MiB before it is killed.
 _WATCH_INTERVAL = 0.02
-
-_slots = threading.BoundedSemaphore(MAX_CHILDREN)
-_context_lock = threading.Lock()
-_context: Any = None
+# An inspector that holds this much more than when it started (what pypdf and Pillow left
+# behind, fragmented) is replaced rather than given the next document.
+_RETIRE_GROWTH = 32 * MIB
 
 
 class InspectionCrashed(Exception):
-    """The child ended without an answer (killed from outside, say): not the document's
-    fault as far as anyone can tell, so the event is retried rather than the document
-    rejected."""
+    """The inspector ended without an answer (killed from outside, say): not the
+    document's fault as far as anyone can tell, so the event is retried rather than the
+    document rejected."""
 
 
 def needs_isolation(media_type: str, size: int) -> bool:
     return media_type in ISOLATED_TYPES and size > INSPECT_IN_PROCESS
 
 
+@dataclass
+class _Inspector:
+    process: Any
+    conn: Connection
+    baseline: int
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class _Inspectors:
+    """This process's inspectors: idle ones wait here, busy ones are with a caller."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_INSPECTORS)
+        self._idle: list[_Inspector] = []
+        self._context: Any = None
+        self._pid = os.getpid()
+
+    def inspect(self, media_type: str, path: Path, data_key: bytes, associated_data: bytes,
+                memory_bytes: int, seconds: float) -> tuple[str, Any]:
+        with self._slots:
+            inspector = self._take()
+            keep = False
+            try:
+                inspector.conn.send((media_type, str(path), data_key, associated_data))
+                outcome, value = _watch(inspector, memory_bytes, seconds)
+                now = _resident(inspector.process.pid) or 0
+                keep = outcome in ("ok", "invalid") and now < inspector.baseline + _RETIRE_GROWTH
+                return outcome, value
+            finally:
+                if keep:
+                    with self._lock:
+                        self._idle.append(inspector)
+                else:
+                    inspector.stop()
+
+    def _take(self) -> _Inspector:
+        with self._lock:
+            if os.getpid() != self._pid:  # forked: the inspectors are the parent's
+                self._idle, self._context, self._pid = [], None, os.getpid()
+            while self._idle:
+                inspector = self._idle.pop()
+                if inspector.process.is_alive():
+                    return inspector
+                inspector.stop()
+            if self._context is None:
+                ctx = multiprocessing.get_context("forkserver")
+                # "__main__" too: each inspector would import it again otherwise.
+                ctx.set_forkserver_preload(["__main__", "shared.inspection.isolated"])
+                self._context = ctx
+            ctx = self._context
+        ours, theirs = ctx.Pipe(duplex=True)
+        process = ctx.Process(target=_serve, name="docproc-inspect", daemon=True,
+                              args=(theirs,))
+        process.start()
+        theirs.close()  # EOF on ours once the inspector is gone
+        try:
+            _ready, baseline = ours.recv()
+        except EOFError:
+            process.join()
+            ours.close()
+            raise InspectionCrashed(
+                f"inspection process ended with exit code {process.exitcode}") from None
+        return _Inspector(process, ours, baseline)
+
+    def stop(self) -> None:
+        """Stop the idle inspectors (tests; a process that exits has them killed anyway)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for inspector in idle:
+            inspector.stop()
+
+
+_inspectors = _Inspectors()
+
+
 def inspect_isolated(media_type: str, path: Path, data_key: bytes, associated_data: bytes,
                      *, memory_bytes: int, seconds: float) -> dict[str, Any]:
-    """``extract_metadata`` of the envelope at ``path``, run in a child process whose
+    """``extract_metadata`` of the envelope at ``path``, run by an inspector process whose
     resident memory may grow by ``memory_bytes`` and which must answer within ``seconds``."""
-    ctx = _forkserver()
-    with _slots:
-        receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_inspect_in_child, name="docproc-inspect", daemon=True,
-                            args=(send, media_type, str(path), data_key, associated_data,
-                                  memory_bytes))
-        child.start()
-        send.close()  # the child's end: EOF here once the child is gone
-        try:
-            outcome, value = _watch(child, receive, memory_bytes, seconds)
-        finally:
-            if child.is_alive():
-                child.kill()
-            child.join()
-            receive.close()
+    outcome, value = _inspectors.inspect(media_type, path, data_key, associated_data,
+                                         memory_bytes, seconds)
     if outcome == "ok":
         metadata: dict[str, Any] = value
         return metadata
@@ -82,68 +153,63 @@ def inspect_isolated(media_type: str, path: Path, data_key: bytes, associated_da
         raise InvalidDocument(value)
     if outcome == "error":
         raise RuntimeError(f"inspection failed: {value}")
-    raise InspectionCrashed(f"inspection process ended with exit code {child.exitcode}")
+    raise InspectionCrashed(f"inspection process ended with exit code {value}")
 
 
-def _watch(child: Any, receive: Connection, memory_bytes: int,
-           seconds: float) -> tuple[str, Any]:
-    """The child's answer, watching its resident memory meanwhile. Watched from here rather
-    than capped in the child: a Python process whose allocations fail (``RLIMIT_AS``) can
-    spend minutes failing in C before the ``MemoryError`` surfaces (Pillow reading a long
-    TIFF tag did), where a process over its budget here is simply killed."""
+def stop_inspectors() -> None:
+    _inspectors.stop()
+
+
+def _watch(inspector: _Inspector, memory_bytes: int, seconds: float) -> tuple[str, Any]:
+    """The inspector's answer, watching its resident memory meanwhile. Watched from here
+    rather than capped in the inspector: a Python process whose allocations fail
+    (``RLIMIT_AS``) can spend minutes failing in C before the ``MemoryError`` surfaces
+    (Pillow reading a long TIFF tag did), where one over its budget here is simply
+    killed."""
     deadline = time.monotonic() + seconds
-    limit: int | None = None
+    limit = inspector.baseline + memory_bytes
+    process = inspector.process
     while True:
-        if receive.poll(_WATCH_INTERVAL):
+        if inspector.conn.poll(_WATCH_INTERVAL):
             try:
-                message: tuple[str, Any] = receive.recv()
+                answer: tuple[str, Any] = inspector.conn.recv()
             except EOFError:
-                return "crashed", None
-            if message[0] == "ready":
-                limit = message[1] + memory_bytes
-                continue
-            return message
+                process.join()
+                return "crashed", process.exitcode
+            return answer
         if time.monotonic() > deadline:
-            child.kill()
+            process.kill()
             raise InvalidDocument(f"document takes longer than {seconds:g} s to inspect")
-        if limit is not None and (_resident(child.pid) or 0) > limit:
-            child.kill()
+        if (_resident(process.pid) or 0) > limit:
+            process.kill()
             raise InvalidDocument(
                 f"document needs more than {memory_bytes // MIB} MiB of memory to inspect")
 
 
-def _forkserver() -> Any:
-    global _context
-    with _context_lock:
-        if _context is None:
-            ctx = multiprocessing.get_context("forkserver")
-            # "__main__" too: each child would import it again otherwise (the command's module).
-            ctx.set_forkserver_preload(["__main__", "shared.inspection.isolated"])
-            _context = ctx
-        return _context
+def _serve(conn: Connection) -> None:
+    """An inspector: one document at a time, for as long as its parent wants it."""
+    conn.send(("ready", _resident(os.getpid()) or 0))
+    while True:
+        try:
+            media_type, path, data_key, associated_data = conn.recv()
+        except EOFError:
+            return
+        conn.send(_inspect(media_type, path, data_key, associated_data))
 
 
-def _inspect_in_child(conn: Connection, media_type: str, path: str, data_key: bytes,
-                      associated_data: bytes, memory_bytes: int) -> None:
+def _inspect(media_type: str, path: str, data_key: bytes,
+             associated_data: bytes) -> tuple[str, Any]:
     try:
-        # A backstop should watching fail (the parent stopped): address space is looser
-        # than resident memory (allocators reserve more than they touch), so 4 times.
-        _cap_address_space(4 * memory_bytes)
-        conn.send(("ready", _resident(os.getpid())))
         with open(path, "rb") as source:
             plain = io.BufferedReader(EnvelopeReader(data_key, source,
                                                      associated_data=associated_data))
-            answer: tuple[str, Any] = ("ok", extract_metadata(media_type, plain))
+            metadata = extract_metadata(media_type, plain)
             release_pages(source)  # as storage does after its last read of a new object
+        return "ok", metadata
     except InvalidDocument as exc:
-        answer = ("invalid", str(exc))
-    except MemoryError:
-        # Raised outside the parsers' own handlers (while opening, say): the same verdict.
-        answer = ("invalid", f"document needs more than {memory_bytes // MIB} MiB to inspect")
+        return "invalid", str(exc)
     except Exception as exc:  # the envelope failed its check, the file went away: retried
-        answer = ("error", f"{type(exc).__name__}: {exc}")
-    conn.send(answer)
-    conn.close()
+        return "error", f"{type(exc).__name__}: {exc}"
 
 
 def _resident(pid: int | None) -> int | None:
@@ -153,14 +219,3 @@ def _resident(pid: int | None) -> int | None:
             return int(statm.read().split()[1]) * resource.getpagesize()
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _cap_address_space(extra: int) -> None:
-    """Allow the child what it maps now (the interpreter and the parsers) plus ``extra``.
-    Without /proc (not Linux) the deadline is the only bound."""
-    try:
-        with open("/proc/self/statm") as statm:
-            mapped = int(statm.read().split()[0]) * resource.getpagesize()
-        resource.setrlimit(resource.RLIMIT_AS, (mapped + extra, mapped + extra))
-    except (OSError, ValueError):
-        return

@@ -1,6 +1,6 @@
-"""Large PDFs and TIFFs are inspected in a child process under a memory cap and a deadline:
-what the parsers' own limits let through (memory and time that grow with the file) ends as
-a rejection there, and the function's process stays as it was."""
+"""Large PDFs and TIFFs are inspected by another process under a memory budget and a
+deadline: what the parsers' own limits let through (memory and time that grow with the
+file) ends as a rejection there, and the function's process stays as it was."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from shared.inspection.isolated import (
     InspectionCrashed,
     inspect_isolated,
     needs_isolation,
+    stop_inspectors,
 )
 from tests import hostile_samples as hostile
 from tests import samples
@@ -35,6 +37,7 @@ AAD = b"doc-1"
 
 def _sealed(tmp_path: Path, data: bytes) -> tuple[Path, bytes]:
     key = secrets.token_bytes(32)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "object"
     with path.open("wb") as sink:
         writer = EnvelopeWriter(key, sink, associated_data=AAD)
@@ -49,8 +52,16 @@ def _inspect(tmp_path: Path, media_type: str, data: bytes, *, memory: int = 256 
     return inspect_isolated(media_type, path, key, AAD, memory_bytes=memory, seconds=seconds)
 
 
-def _no_children_left() -> bool:
-    return not [p for p in multiprocessing.active_children() if p.name == "docproc-inspect"]
+@pytest.fixture(autouse=True)
+def _fresh_inspectors() -> Iterator[None]:
+    stop_inspectors()
+    yield
+    stop_inspectors()
+
+
+def _inspectors() -> list[int]:
+    return [p.pid for p in multiprocessing.active_children()
+            if p.name == "docproc-inspect" and p.pid is not None]
 
 
 def test_only_large_pdfs_and_tiffs_leave_the_process() -> None:
@@ -68,9 +79,11 @@ def test_a_large_document_gets_the_metadata_it_gets_in_process(
     tmp_path: Path, media_type: str, data: bytes,
 ) -> None:
     assert len(data) > INSPECT_IN_PROCESS
-    assert _inspect(tmp_path, media_type, data) == extract_metadata(media_type,
-                                                                    io.BytesIO(data))
-    assert _no_children_left()
+    expected = extract_metadata(media_type, io.BytesIO(data))
+    assert _inspect(tmp_path / "a", media_type, data) == expected
+    [inspector] = _inspectors()
+    assert _inspect(tmp_path / "b", media_type, data) == expected
+    assert _inspectors() == [inspector]  # the same inspector took the next document
 
 
 @pytest.mark.parametrize(("media_type", "data"), [
@@ -82,9 +95,11 @@ def test_a_large_document_gets_the_metadata_it_gets_in_process(
 def test_a_document_needing_more_memory_than_allowed_is_rejected(
     tmp_path: Path, media_type: str, data: bytes,
 ) -> None:
-    with pytest.raises(InvalidDocument, match=r"memory|too complex"):
-        _inspect(tmp_path, media_type, data, memory=64 * MIB)
-    assert _no_children_left()
+    with pytest.raises(InvalidDocument, match=r"needs more than 64 MiB of memory"):
+        _inspect(tmp_path / "a", media_type, data, memory=64 * MIB)
+    assert _inspectors() == []  # killed
+    fine = samples.pdf(b"pod", padding=2 * MIB)
+    assert _inspect(tmp_path / "b", PDF, fine)["pages"] == 1  # by a new one
 
 
 def test_a_document_inspected_past_the_deadline_is_rejected_and_its_child_killed(
@@ -95,27 +110,26 @@ def test_a_document_inspected_past_the_deadline_is_rejected_and_its_child_killed
     with pytest.raises(InvalidDocument, match=r"longer than 0\.3 s to inspect"):
         _inspect(tmp_path, PDF, data, memory=1024 * MIB, seconds=0.3)
     assert time.monotonic() - started < 3
-    assert _no_children_left()
+    assert _inspectors() == []  # killed
 
 
-def test_a_child_killed_from_outside_is_an_error_to_retry_not_a_verdict(
+def test_an_inspector_killed_from_outside_is_an_error_to_retry_not_a_verdict(
     tmp_path: Path,
 ) -> None:
-    path, key = _sealed(tmp_path, hostile.pdf_nested_arrays(1000, 1000))
+    path, key = _sealed(tmp_path, hostile.pdf_nested_arrays(1000, 1000))  # seconds of work
     killed: list[int] = []
 
-    def kill_the_child() -> None:
+    def kill_the_inspector() -> None:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not killed:
-            for child in multiprocessing.active_children():
-                if child.name == "docproc-inspect" and child.pid is not None:
-                    time.sleep(0.2)  # at work by now
-                    os.kill(child.pid, signal.SIGKILL)
-                    killed.append(child.pid)
-                    return
+        while time.monotonic() < deadline:
+            if pids := _inspectors():
+                time.sleep(0.5)  # at work by now
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_the_child)
+    killer = threading.Thread(target=kill_the_inspector)
     killer.start()
     try:
         with pytest.raises(InspectionCrashed, match="exit code -9"):
@@ -123,7 +137,7 @@ def test_a_child_killed_from_outside_is_an_error_to_retry_not_a_verdict(
     finally:
         killer.join()
     assert killed
-    assert _no_children_left()
+    assert _inspectors() == []
 
 
 def test_a_tampered_object_is_an_error_to_retry(tmp_path: Path) -> None:
