@@ -47,6 +47,8 @@ _WATCH_INTERVAL = 0.02
 # An inspector that holds this much more than when it started (what pypdf and Pillow left
 # behind, fragmented) is replaced rather than given the next document.
 _RETIRE_GROWTH = 32 * MIB
+# An inspector is ready in a fraction of a second; one that is not after this is killed.
+_START_TIMEOUT = 30.0
 
 
 class InspectionCrashed(Exception):
@@ -121,12 +123,16 @@ class _Inspectors:
         process.start()
         theirs.close()  # EOF on ours once the inspector is gone
         try:
+            if not ours.poll(_START_TIMEOUT):
+                process.kill()
+                raise EOFError
             _ready, baseline = ours.recv()
         except EOFError:
             process.join()
             ours.close()
             raise InspectionCrashed(
-                f"inspection process ended with exit code {process.exitcode}") from None
+                f"inspection process ended with exit code {process.exitcode} before it "
+                "was ready") from None
         return _Inspector(process, ours, baseline)
 
     def stop(self) -> None:
