@@ -749,3 +749,22 @@ def tiff_long_tag(values: int) -> bytes:
     assert len(out) == table
     out += struct.pack("<I", table) * values
     return bytes(out)
+
+
+def pdf_misplaced_pages(pages: int, misplaced_pages: int, padding: int = 0) -> bytes:
+    """``pages`` pages, the cross-reference entries of the last ``misplaced_pages`` of them
+    pointing at the page before (each is still in the file, where a search finds it);
+    ``padding`` bytes of an unused stream make every search longer."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"", stream_object(b"x" * padding)]
+    kids = []
+    for _ in range(pages):
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>")
+        kids.append(b"%d 0 R" % len(objects))
+    objects[1] = b"<< /Type /Pages /Kids [%b] /Count %d >>" % (b" ".join(kids), pages)
+    data = raw_pdf(objects)
+    table = data.rindex(b"\nxref\n") + 1
+    rows = data[table:].split(b"\n")  # "xref", "0 N", the free entry, then objects 1..
+    last = 3 + pages
+    for number in range(last - misplaced_pages + 1, last + 1):
+        rows[2 + number] = rows[1 + number]
+    return data[:table] + b"\n".join(rows)

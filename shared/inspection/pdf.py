@@ -112,8 +112,10 @@ def pdf_metadata(stream: BinaryIO) -> dict[str, Any]:
                 metadata["encrypted"] = True
             # Counting pages walks the page tree (dictionaries only); no content stream is
             # decoded, so a stream that would inflate to gigabytes is never inflated.
+            walk = _PdfWalk(reader)
+            walk.page_tree(_entry(reader.root_object, "/Pages"))
             metadata["pages"] = len(reader.pages)
-            reason = _pdf_active_content(reader)
+            reason = _pdf_active_content(reader, walk)
             if reason is not None:
                 raise InvalidDocument(reason)
             return metadata
@@ -241,6 +243,22 @@ class _PdfWalk:
             return list(obj)
         return [] if obj is None else [obj]
 
+    def page_tree(self, root: Any) -> None:
+        """Read the page tree before pypdf flattens it. pypdf searches the whole file for
+        every page whose cross-reference entry is wrong (15,000 such pages fit in 1 MiB,
+        a search of it each: minutes); read here first, they count against the walk's
+        repairs, and pypdf then finds them in its cache. The entries past pypdf's own
+        limit are left to it, which refuses them."""
+        nodes = [root]
+        entries = 0
+        while nodes and entries <= _PDF_MAX_PAGE_TREE_ENTRIES:
+            node = self.dictionary("pages", nodes.pop())
+            if node is None:
+                continue
+            kids = self.items("pages/Kids", _entry(node, "/Kids"))
+            entries += len(kids)
+            nodes.extend(kids)
+
     def tree_has_entries(self, role: str, value: Any) -> bool:
         """Whether a name tree (/JavaScript, /EmbeddedFiles) holds at least one entry."""
         nodes = [value]
@@ -349,14 +367,13 @@ def _is_javascript_uri(uri: Any) -> bool:
     return uri.lstrip("".join(map(chr, range(33)))).lower().startswith("javascript:")
 
 
-def _pdf_active_content(reader: PdfReader) -> str | None:
+def _pdf_active_content(reader: PdfReader, walk: _PdfWalk) -> str | None:
     """Why the document must be refused for active content, or None.
 
     Only the latest revision's structure is walked, reachable from the catalog, as viewers
     do: the name trees, the document and page actions, annotations, form fields, bookmarks
     and associated files. Content streams are never read.
     """
-    walk = _PdfWalk(reader)
     root = reader.root_object
     names = walk.dictionary("names", _entry(root, "/Names"))
     if names is not None:
