@@ -98,9 +98,9 @@ class Settings(BaseSettings):
     )
     relay_interval_seconds: float = Field(default=2.0, gt=0,
                                           validation_alias="DOCPROC_RELAY_INTERVAL_SECONDS")
-    # A PDF or TIFF over 1 MiB is inspected in a child process that may grow by this much
+    # A PDF or TIFF over 1 MiB is inspected by another process that may grow by this much
     # and must answer within this time; past either the document is rejected
-    # (shared/inspection/isolated.py). Two such children may run at once per process.
+    # (shared/inspection/isolated.py). Two such inspectors may run at once per process.
     inspection_memory_mib: int = Field(default=256, ge=64, le=4096,
                                        validation_alias="DOCPROC_INSPECTION_MEMORY_MIB")
     inspection_seconds: float = Field(default=120.0, gt=0, le=3600.0,

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # Up to this size a document is inspected from the plaintext its verification produced:
 # memory for it is bounded per handler thread, and larger documents are read again (a PDF
-# or TIFF in a child process: shared/inspection/isolated.py).
+# or TIFF by an inspector process: shared/inspection/isolated.py).
 INSPECT_IN_MEMORY = INSPECT_IN_PROCESS
 
 

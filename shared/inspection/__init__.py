@@ -21,7 +21,7 @@ boxes) in blocks of at most ``_BLOCK`` bytes, and the polyglot checks read only 
 1024 bytes and the last 64 KiB, so memory stays flat however large the file. For PDFs,
 pypdf keeps the page list in memory, which a page-tree limit caps at a few tens of MB.
 What pypdf and Pillow's TIFF reader need still grows with the file, so a PDF or TIFF over
-1 MiB is inspected in a child process with a memory budget and a deadline (``isolated``).
+1 MiB is inspected by another process with a memory budget and a deadline (``isolated``).
 
 Decisions worth knowing:
 
@@ -35,7 +35,7 @@ Decisions worth knowing:
 
 Modules: ``media_types`` (sniffing and normalising media types), ``extract`` (the entry
 point, ``extract_metadata``), ``polyglot`` (the checks common to all types), ``images``,
-``pdf`` (the pypdf limits and the active-content walk), ``isolated`` (the child process),
+``pdf`` (the pypdf limits and the active-content walk), ``isolated`` (the inspector processes),
 ``streams`` (positioned reads) and ``errors`` (``InvalidDocument``).
 """
 
