@@ -751,15 +751,18 @@ def tiff_long_tag(values: int) -> bytes:
     return bytes(out)
 
 
-def pdf_misplaced_pages(pages: int, misplaced_pages: int, padding: int = 0) -> bytes:
+def pdf_misplaced_pages(pages: int, misplaced_pages: int, padding: int = 0,
+                        junk_kids: int = 0) -> bytes:
     """``pages`` pages, the cross-reference entries of the last ``misplaced_pages`` of them
     pointing at the page before (each is still in the file, where a search finds it);
-    ``padding`` bytes of an unused stream make every search longer."""
+    ``padding`` bytes of an unused stream make every search longer; ``junk_kids`` numbers
+    after the pages in /Kids, which are no pages (pypdf skips them)."""
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"", stream_object(b"x" * padding)]
     kids = []
     for _ in range(pages):
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] >>")
         kids.append(b"%d 0 R" % len(objects))
+    kids += [b"0"] * junk_kids
     objects[1] = b"<< /Type /Pages /Kids [%b] /Count %d >>" % (b" ".join(kids), pages)
     data = raw_pdf(objects)
     table = data.rindex(b"\nxref\n") + 1

@@ -160,6 +160,7 @@ class _PdfWalk:
         self._repairs: set[tuple[int, int]] = set()
         self._objstm_held = 0  # decoded bytes of the object streams in pypdf's cache
         self._objstm_work = 0  # decoded bytes of object streams, in all
+        self._keep_cache = False  # reading the page tree, whose pages pypdf keeps anyway
 
     def open(self, role: str, value: Any) -> Any:
         """The object ``value`` refers to, or None if it was already visited in this role."""
@@ -203,7 +204,8 @@ class _PdfWalk:
         # all of its objects, and letting go of them at every later read would decode the
         # stream again each time.
         self._reads += 1
-        if self._reads >= _PDF_WALK_CACHED or self._objstm_held > _PDF_OBJSTM_HELD:
+        if ((self._reads >= _PDF_WALK_CACHED and not self._keep_cache)
+                or self._objstm_held > _PDF_OBJSTM_HELD):
             self._let_go()
         held = len(self._cache)
         container = self._reader.xref_objStm.get(value.idnum)
@@ -247,17 +249,27 @@ class _PdfWalk:
         """Read the page tree before pypdf flattens it. pypdf searches the whole file for
         every page whose cross-reference entry is wrong (15,000 such pages fit in 1 MiB,
         a search of it each: minutes); read here first, they count against the walk's
-        repairs, and pypdf then finds them in its cache. The entries past pypdf's own
-        limit are left to it, which refuses them."""
+        repairs, and pypdf then finds them in its cache, which is kept meanwhile (pypdf
+        keeps the pages anyway). Kids that are neither dictionaries nor references are
+        skipped, as pypdf skips them; a tree with more entries than pypdf allows is refused
+        here, before pypdf reads what the walk did not."""
         nodes = [root]
         entries = 0
-        while nodes and entries <= _PDF_MAX_PAGE_TREE_ENTRIES:
-            node = self.dictionary("pages", nodes.pop())
-            if node is None:
-                continue
-            kids = self.items("pages/Kids", _entry(node, "/Kids"))
-            entries += len(kids)
-            nodes.extend(kids)
+        self._keep_cache = True
+        try:
+            while nodes:
+                node = self.dictionary("pages", nodes.pop())
+                if node is None:
+                    continue
+                kids = [kid for kid in self.items("pages/Kids", _entry(node, "/Kids"))
+                        if isinstance(kid, IndirectObject | DictionaryObject)]
+                entries += len(kids)
+                if entries > _PDF_MAX_PAGE_TREE_ENTRIES:
+                    raise InvalidDocument(f"{_PDF_TOO_COMPLEX}: more than "
+                                          f"{_PDF_MAX_PAGE_TREE_ENTRIES} page tree entries")
+                nodes.extend(kids)
+        finally:
+            self._keep_cache = False
 
     def tree_has_entries(self, role: str, value: Any) -> bool:
         """Whether a name tree (/JavaScript, /EmbeddedFiles) holds at least one entry."""

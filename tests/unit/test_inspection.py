@@ -427,9 +427,25 @@ def test_pages_the_table_misplaces_are_searched_for_a_few_times_at_most(
     assert reason.startswith(TOO_COMPLEX)
     assert len(whole_file_reads) <= inspection_pdf._PDF_MAX_REPAIRS + 1
     whole_file_reads.clear()
+    # Entries that are no pages do not hide the pages from the count (they did: the walk
+    # stopped at 20,000 entries of any kind and left the pages to pypdf).
+    reason = rejection(PDF, hostile.pdf_misplaced_pages(100, 99, junk_kids=20_001))
+    assert reason.startswith(TOO_COMPLEX)
+    assert len(whole_file_reads) <= inspection_pdf._PDF_MAX_REPAIRS + 1
+    assert inspect(PDF, hostile.pdf_misplaced_pages(100, 0, junk_kids=20_001)) == {
+        "pages": 100}
+    whole_file_reads.clear()
     # A few, as a damaged but real file has, are found as a viewer would find them.
     assert inspect(PDF, hostile.pdf_misplaced_pages(20, 8)) == {"pages": 20}
     assert len(whole_file_reads) <= 2 * 8
+
+
+def test_a_page_tree_beyond_pypdfs_limit_is_refused_before_pypdf_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inspection_pdf, "_PDF_MAX_PAGE_TREE_ENTRIES", 50)
+    assert inspect(PDF, hostile.pdf_pages(50)) == {"pages": 50}
+    assert rejection(PDF, hostile.pdf_pages(51)).startswith(TOO_COMPLEX)
 
 
 def test_a_form_in_a_large_object_stream_is_decoded_once(flate_calls: list[int]) -> None:
