@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     # A PDF or TIFF over 1 MiB is inspected by another process that may grow by this much
     # and must answer within this time; past either the document is rejected
     # (shared/inspection/isolated.py). Two such inspectors may run at once per process.
-    inspection_memory_mib: int = Field(default=256, ge=64, le=4096,
+    inspection_memory_mib: int = Field(default=192, ge=64, le=4096,
                                        validation_alias="DOCPROC_INSPECTION_MEMORY_MIB")
     inspection_seconds: float = Field(default=120.0, gt=0, le=3600.0,
                                       validation_alias="DOCPROC_INSPECTION_SECONDS")

@@ -10,12 +10,19 @@ memory budget or its deadline is killed and the document rejected. Small documen
 nearly all of them, pay nothing for this.
 
 Inspectors are long-lived, one document at a time each, at most ``MAX_INSPECTORS`` per
-process (so that the pod's memory limit holds them: knative/base/functions/storage.yaml
-gives 768 MiB, the function itself stays under 150 MiB, and two inspectors may take
-256 MiB each). A process per document cost 0.3-0.4 s of waiting each under load: starting
-one takes the parent a dozen round trips, each waiting for the GIL its busy threads hold.
-They are forked from a ``forkserver`` with the parsers imported (forking the function's
-own process is unsafe: it runs threads), and one that grew while inspecting is replaced.
+process, so that the pod's memory limit holds them all (knative/base/functions/storage.yaml:
+768 MiB). The function stays under 150 MiB, the forkserver takes some 40 MiB and
+multiprocessing's resource tracker 13; an inspector starts at 30-57 MiB resident, most of
+it pages it shares with the forkserver, and may grow by the budget (192 MiB by default)
+plus what it allocates in the 20 ms between two looks: 150 + 40 + 13 + 2 x (10 + 192 +
+20) MiB is about 650. A process per document cost 0.3-0.4 s of waiting each under load:
+starting one takes the parent a dozen round trips, each waiting for the GIL its busy
+threads hold. They are forked from a ``forkserver`` with the parsers imported (forking the
+function's own process is unsafe: it runs threads), one that grew while inspecting is
+replaced, and one whose function process is gone stops.
+
+Known limit: a process forked after it used an inspector (gunicorn's master never does)
+cannot start inspectors of its own: multiprocessing's forkserver belongs to the parent.
 """
 
 
@@ -66,12 +73,14 @@ class _Inspector:
     process: Any
     conn: Connection
     baseline: int
+    lifeline: Connection
 
     def stop(self) -> None:
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
         self.conn.close()
+        self.lifeline.close()
 
 
 class _Inspectors:
@@ -90,8 +99,12 @@ class _Inspectors:
             inspector = self._take()
             keep = False
             try:
+                # The budget counts from what the inspector holds now: what an earlier
+                # document left it (up to _RETIRE_GROWTH) must not shrink this one's.
+                before = _resident(inspector.process.pid) or inspector.baseline
                 inspector.conn.send((media_type, str(path), data_key, associated_data))
-                outcome, value = _watch(inspector, memory_bytes, seconds)
+                outcome, value = _watch(inspector, before + memory_bytes, memory_bytes,
+                                        seconds)
                 now = _resident(inspector.process.pid) or 0
                 keep = outcome in ("ok", "invalid") and now < inspector.baseline + _RETIRE_GROWTH
                 return outcome, value
@@ -118,10 +131,14 @@ class _Inspectors:
                 self._context = ctx
             ctx = self._context
         ours, theirs = ctx.Pipe(duplex=True)
+        # Held here only: the inspector sees EOF on its end the moment this process is
+        # gone, and stops even in the middle of a document nobody watches any more.
+        lifeline_in, lifeline = ctx.Pipe(duplex=False)
         process = ctx.Process(target=_serve, name="docproc-inspect", daemon=True,
-                              args=(theirs,))
+                              args=(theirs, lifeline_in))
         process.start()
         theirs.close()  # EOF on ours once the inspector is gone
+        lifeline_in.close()
         try:
             if not ours.poll(_START_TIMEOUT):
                 process.kill()
@@ -130,10 +147,11 @@ class _Inspectors:
         except EOFError:
             process.join()
             ours.close()
+            lifeline.close()
             raise InspectionCrashed(
                 f"inspection process ended with exit code {process.exitcode} before it "
                 "was ready") from None
-        return _Inspector(process, ours, baseline)
+        return _Inspector(process, ours, baseline, lifeline)
 
     def stop(self) -> None:
         """Stop the idle inspectors (tests; a process that exits has them killed anyway)."""
@@ -166,14 +184,14 @@ def stop_inspectors() -> None:
     _inspectors.stop()
 
 
-def _watch(inspector: _Inspector, memory_bytes: int, seconds: float) -> tuple[str, Any]:
+def _watch(inspector: _Inspector, limit: int, memory_bytes: int,
+           seconds: float) -> tuple[str, Any]:
     """The inspector's answer, watching its resident memory meanwhile. Watched from here
     rather than capped in the inspector: a Python process whose allocations fail
     (``RLIMIT_AS``) can spend minutes failing in C before the ``MemoryError`` surfaces
     (Pillow reading a long TIFF tag did), where one over its budget here is simply
     killed."""
     deadline = time.monotonic() + seconds
-    limit = inspector.baseline + memory_bytes
     process = inspector.process
     while True:
         if inspector.conn.poll(_WATCH_INTERVAL):
@@ -192,8 +210,9 @@ def _watch(inspector: _Inspector, memory_bytes: int, seconds: float) -> tuple[st
                 f"document needs more than {memory_bytes // MIB} MiB of memory to inspect")
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, lifeline: Connection) -> None:
     """An inspector: one document at a time, for as long as its parent wants it."""
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     conn.send(("ready", _resident(os.getpid()) or 0))
     while True:
         try:
@@ -201,6 +220,12 @@ def _serve(conn: Connection) -> None:
         except EOFError:
             return
         conn.send(_inspect(media_type, path, data_key, associated_data))
+
+
+def _exit_with_parent(lifeline: Connection) -> None:
+    # Nothing is ever sent: poll returns when the function process's end closes.
+    lifeline.poll(None)
+    os._exit(1)
 
 
 def _inspect(media_type: str, path: str, data_key: bytes,

@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -147,3 +149,65 @@ def test_a_tampered_object_is_an_error_to_retry(tmp_path: Path) -> None:
     path.write_bytes(bytes(raw))
     with pytest.raises(RuntimeError, match="EnvelopeError"):
         inspect_isolated(PDF, path, key, AAD, memory_bytes=256 * MIB, seconds=60)
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, secrets, sys, threading, time
+from pathlib import Path
+from shared.envelope import EnvelopeWriter
+from shared.inspection.isolated import inspect_isolated
+from tests import hostile_samples
+
+def report():
+    while True:
+        for child in multiprocessing.active_children():
+            if child.name == "docproc-inspect":
+                time.sleep(0.3)  # at work by now
+                print(child.pid, flush=True)
+                return
+        time.sleep(0.01)
+
+if __name__ == "__main__":
+    key = secrets.token_bytes(32)
+    path = Path(sys.argv[1])
+    with path.open("wb") as sink:
+        writer = EnvelopeWriter(key, sink, associated_data=b"doc-1")
+        writer.write(hostile_samples.pdf_nested_arrays(2000, 2000))
+        writer.close()
+    threading.Thread(target=report, daemon=True).start()
+    inspect_isolated("application/pdf", path, key, b"doc-1", memory_bytes=2048 << 20,
+                     seconds=600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_an_inspector_stops_when_the_function_process_is_killed(tmp_path: Path) -> None:
+    """Killed mid-document (a gunicorn worker SIGKILLed, say), the function process left
+    an inspector parsing on, unwatched, beside its replacement's inspectors."""
+    script = tmp_path / "function.py"
+    script.write_text(ORPHAN_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    function = subprocess.Popen([sys.executable, str(script), str(tmp_path / "object")],
+                                stdout=subprocess.PIPE, cwd=root,
+                                env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert function.stdout is not None
+        inspector = int(function.stdout.readline())
+        assert _running(inspector)
+        function.kill()
+        function.wait()
+        deadline = time.monotonic() + 10
+        while _running(inspector) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(inspector)
+    finally:
+        if function.poll() is None:
+            function.kill()
+            function.wait()
