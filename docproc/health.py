@@ -72,14 +72,19 @@ def respond(svc: Services, path: str, needs_broker: bool) -> Response:
                          200 if ready else 503)
 
 
+def respond_without_services(path: str) -> Response:
+    """Liveness and metrics, which need nothing the database holds."""
+    if path == "/healthz":
+        return json_response({"status": "ok"})
+    return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+
 def not_started(path: str, exc: ConnectionFailure) -> Response:
     """The answer of a function whose services could not be built because MongoDB does not
     answer: alive (so the kubelet does not restart it into a crash loop while the database
     is away), not ready, and a 503 the client may retry rather than a 500."""
-    if path == "/healthz":
-        return json_response({"status": "ok"})
-    if path == "/metrics":
-        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    if path in ("/healthz", "/metrics"):
+        return respond_without_services(path)
     log.warning("database unavailable: %s", unreachable(exc))
     if path == "/readyz":
         return json_response({"status": "unavailable",
@@ -93,8 +98,8 @@ def function_request(handle: Callable[[Services, Request], Response],
     """A request to an HTTP function run by functions-framework, whose services are built on
     first use. Liveness does not wait for them (building them waits seconds for a database
     that does not answer, longer than the probe's timeout)."""
-    if request.method == "GET" and request.path == "/healthz":
-        return json_response({"status": "ok"})
+    if request.method == "GET" and request.path in ("/healthz", "/metrics"):
+        return respond_without_services(request.path)
     try:
         svc = services()
     except ConnectionFailure as exc:
@@ -107,8 +112,8 @@ def add_to_flask(app: Any, svc: Callable[[], Services], needs_broker: bool) -> N
     the three GET endpoints."""
     for path in PATHS:
         def view(path: str = path) -> Response:
-            if path == "/healthz":
-                return json_response({"status": "ok"})
+            if path in ("/healthz", "/metrics"):
+                return respond_without_services(path)
             try:
                 built = svc()
             except ConnectionFailure as exc:

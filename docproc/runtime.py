@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -154,19 +155,31 @@ def link_keys(settings: Settings) -> list[LinkKey] | KeyringFile:
 
 _current: Services | None = None
 _lock = threading.Lock()
+# After building failed for want of a database, requests within this time fail at once
+# with the same reason: each try waits 3 s for a server, one thread at a time, and five
+# probes queued behind each other answered after 3, 6, 9, 12 and 15 s.
+BUILD_RETRY_AFTER = 2.0
+_failed: tuple[float, str] | None = None  # (monotonic time to try again, why)
 
 
 def services() -> Services:
     """The process's services, built from the environment on first use."""
-    global _current
+    global _current, _failed
     if _current is None:
         with _lock:
             if _current is None:
+                if _failed is not None and time.monotonic() < _failed[0]:
+                    raise ConnectionFailure(_failed[1])
                 from docproc import heap
                 from docproc.outbox import OutboxRelay
 
                 setup_logging()
-                _current = build_services(load_settings())
+                try:
+                    _current = build_services(load_settings())
+                except ConnectionFailure as exc:
+                    _failed = (time.monotonic() + BUILD_RETRY_AFTER, unreachable(exc))
+                    raise
+                _failed = None
                 # A function run alone publishes too, so it relays its leftovers as well.
                 OutboxRelay(_current).start()
                 heap.settle()

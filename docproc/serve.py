@@ -64,8 +64,9 @@ class PipelineServer(gunicorn.app.base.BaseApplication):  # type: ignore[misc]
         except ConnectionFailure as exc:
             # One line rather than gunicorn's traceback; the exit code is gunicorn's "worker
             # failed to boot", which stops the server rather than start another worker.
-            log.error("docproc: database unreachable after %.0f s: %s",
-                      self.settings.startup_wait_seconds, unreachable(exc))
+            waited = (f" after {self.settings.startup_wait_seconds:g} s"
+                      if self.settings.mongodb_uri else "")
+            log.error("docproc: database unreachable%s: %s", waited, unreachable(exc))
             raise SystemExit(WORKER_BOOT_ERROR) from None
         heap.settle()  # in the worker process: gunicorn calls load() after the fork
         log.info("docproc serving on %s (events: %s, MongoDB: %s)", self.options["bind"],

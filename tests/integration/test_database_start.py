@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,13 @@ def test_http_function_started_before_the_database_stays_alive_and_answers_503(
             ready = http.get(f"{base}/readyz", timeout=10)
             assert ready.status_code == 503
             assert ready.json()["checks"]["mongodb"].startswith("unreachable")
+            assert http.get(f"{base}/metrics", timeout=2).status_code == 200
+            # Probes arriving together each get their answer within the readiness probe's
+            # 5 s timeout (they queued for 3 s each behind one another).
+            with ThreadPoolExecutor(5) as pool:
+                answers = list(pool.map(
+                    lambda _: requests.get(f"{base}/readyz", timeout=5).status_code, range(5)))
+            assert answers == [503] * 5
             body = samples.pdf(samples.marker())
             refused = http.post(f"{base}/v1/documents", data=body, timeout=10,
                                 headers={**DRIVER, "Content-Type": "application/pdf"})
