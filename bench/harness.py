@@ -66,6 +66,8 @@ class Tracked:
     app: dict[str, int] = field(default_factory=dict)  # docproc processes
     infra: dict[str, int] = field(default_factory=dict)  # services and the FCM stub
     helper_peaks: dict[str, int] = field(default_factory=dict)
+    _sampling: threading.Event = field(default_factory=threading.Event)
+    _peaks_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def helpers(self, pid: int) -> list[int]:
         tracked = set(self.app.values())
@@ -102,25 +104,33 @@ class Tracked:
 
     def start_sampling(self) -> None:
         def sample() -> None:
-            while True:
-                for role, pid in list(self.app.items()):
-                    for helper in self.helpers(pid):
-                        peak = procs.peak_rss(helper) or 0
-                        if peak > self.helper_peaks.get(role, 0):
-                            self.helper_peaks[role] = peak
-                time.sleep(HELPER_SAMPLE)
+            while not self._sampling.wait(HELPER_SAMPLE):
+                # Under the lock, so a reset between a read and its update cannot carry a
+                # peak from before the workload into it.
+                with self._peaks_lock:
+                    for role, pid in list(self.app.items()):
+                        for helper in self.helpers(pid):
+                            peak = procs.peak_rss(helper) or 0
+                            if peak > self.helper_peaks.get(role, 0):
+                                self.helper_peaks[role] = peak
 
+        self._sampling.clear()
         threading.Thread(target=sample, daemon=True, name="helper-peaks").start()
+
+    def stop_sampling(self) -> None:
+        self._sampling.set()
 
     def reset_peaks(self) -> None:
         for pid in self.app.values():
             procs.reset_peak(pid)
-            for helper in self.helpers(pid):
-                procs.reset_peak(helper)
         for role, pid in self.infra.items():
             if role == "secantusd":
                 procs.reset_peak(pid)
-        self.helper_peaks.clear()
+        with self._peaks_lock:
+            for pid in self.app.values():
+                for helper in self.helpers(pid):
+                    procs.reset_peak(helper)
+            self.helper_peaks.clear()
 
     def peaks(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}

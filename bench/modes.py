@@ -204,6 +204,7 @@ def run_mode(h: Harness, mode: str, workloads: list[Workload], mongo_uri: str, m
                 result["profile"] = run_profile(h, client, tracked, result, profile)
         finally:
             mongo.close()
+            tracked.stop_sampling()
     finally:
         for proc in reversed(procs_started):
             stop_process(proc)
