@@ -153,6 +153,13 @@ def gateway_check(svc: Services, request: Request) -> Response | None:
 class _Threaded(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        # serve_forever accepts once select says a connection waits; should none be there
+        # by then, a blocking accept would wait for the next one with the probes and
+        # metrics unanswered (a test server hung so in CI). Non-blocking, it just returns.
+        self.socket.setblocking(False)
+
 
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds

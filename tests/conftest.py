@@ -19,6 +19,7 @@ from docproc.pipeline import Pipeline
 from events import topology
 from shared.config import Settings, load_settings
 from tests.fcm_stub import FcmStub
+from tests.helpers import nonblocking
 from tests.services import (
     AMQP_URL,
     REDIS_URL,
@@ -144,7 +145,7 @@ def serving(make_settings: Callable[..., Settings], consumers: bool = True,
     """The whole pipeline in this process behind a real HTTP server on a loopback port
     (without the event functions when ``consumers`` is false)."""
     late = _Late()
-    server = make_server("127.0.0.1", 0, late, threaded=True)
+    server = nonblocking(make_server("127.0.0.1", 0, late, threaded=True))
     base = f"http://127.0.0.1:{server.server_port}"
     pipeline = Pipeline(make_settings(public_url_override=base, **overrides),
                         consumers=consumers).start()

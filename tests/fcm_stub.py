@@ -35,6 +35,8 @@ from urllib.parse import parse_qs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.helpers import nonblocking
+
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 TOKEN_PREFIX = "stub-token-"
@@ -108,7 +110,7 @@ class FcmStub:
     def start(self) -> FcmStub:
         if self._server is not None:
             return self
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server = nonblocking(ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self)))
         server.daemon_threads = True
         self._server = server
         host, port = server.server_address[:2]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import requests
 from pymongo import monitoring
@@ -77,3 +79,14 @@ def register_device(http: requests.Session, base: str, token: str,
     resp = http.post(f"{base}/v1/users/me/devices", headers=headers or DRIVER, timeout=10,
                      json={"token": token, "platform": "android"})
     assert resp.status_code in (200, 201), resp.text
+
+
+S = TypeVar("S", bound=socketserver.BaseServer)
+
+
+def nonblocking(server: S) -> S:
+    """``server`` with a non-blocking listening socket. serve_forever accepts once select
+    says a connection waits; should none be there by then, a blocking accept waits for the
+    next one and ``shutdown`` for ever (a test hung so in CI)."""
+    cast(socket.socket, server.socket).setblocking(False)  # type: ignore[attr-defined]
+    return server

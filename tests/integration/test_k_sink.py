@@ -18,7 +18,7 @@ from events.cloudevent import validate
 from shared.config import Settings
 from tests import samples
 from tests.conftest import serving
-from tests.helpers import upload, wait_for
+from tests.helpers import nonblocking, upload, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -40,7 +40,7 @@ class Sink:
 @pytest.fixture
 def sink() -> Iterator[tuple[Sink, str]]:
     app = Sink()
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = nonblocking(make_server("127.0.0.1", 0, app, threaded=True))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield app, f"http://127.0.0.1:{server.server_port}/"

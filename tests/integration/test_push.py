@@ -18,6 +18,7 @@ from firebase_admin import credentials, messaging
 
 from shared.push import FcmSender, OutboxSender, PushMessage, PushResult, PushSender
 from tests.fcm_stub import FcmStub
+from tests.helpers import nonblocking
 
 FAST = 3.0  # seconds; anything slower means a client-side retry/backoff sneaked in
 
@@ -255,7 +256,8 @@ def test_a_request_is_tried_at_most_three_times_whatever_fails(
     """A delivery's lease is sized by the tries one send can make: each kind of error had its
     own count, so a lost answer followed by 503s made four tries where three were allowed
     for."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DropsThenUnavailable)
+    server = nonblocking(http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                         _DropsThenUnavailable))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with FcmSender(service_account,
@@ -471,7 +473,7 @@ class _ForwardProxy:
                 pass
 
         self.relayed = relayed
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.server = nonblocking(ThreadingHTTPServer(("127.0.0.1", 0), Relay))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

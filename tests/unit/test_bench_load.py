@@ -13,6 +13,7 @@ import pytest
 
 from bench import documents
 from bench.load import Client, run_step
+from tests.helpers import nonblocking
 
 SIZE = 4096
 
@@ -54,7 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[_Server]:
-    srv = _Server()
+    srv = nonblocking(_Server())
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
