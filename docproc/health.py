@@ -31,6 +31,7 @@ from shared.mongo import unreachable
 log = logging.getLogger(__name__)
 
 PATHS = ("/healthz", "/readyz", "/metrics")
+WITHOUT_SERVICES = ("/healthz", "/metrics")  # nothing the database holds
 
 
 def checks(svc: Services, needs_broker: bool) -> tuple[bool, dict[str, str]]:
@@ -63,10 +64,8 @@ def checks(svc: Services, needs_broker: bool) -> tuple[bool, dict[str, str]]:
 
 
 def respond(svc: Services, path: str, needs_broker: bool) -> Response:
-    if path == "/healthz":
-        return json_response({"status": "ok"})
-    if path == "/metrics":
-        return Response(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    if path in WITHOUT_SERVICES:
+        return respond_without_services(path)
     ready, results = checks(svc, needs_broker)
     return json_response({"status": "ready" if ready else "unavailable", "checks": results},
                          200 if ready else 503)
@@ -82,9 +81,8 @@ def respond_without_services(path: str) -> Response:
 def not_started(path: str, exc: ConnectionFailure) -> Response:
     """The answer of a function whose services could not be built because MongoDB does not
     answer: alive (so the kubelet does not restart it into a crash loop while the database
-    is away), not ready, and a 503 the client may retry rather than a 500."""
-    if path in ("/healthz", "/metrics"):
-        return respond_without_services(path)
+    is away), not ready, and a 503 the client may retry rather than a 500. Liveness and
+    metrics are answered before any try (``respond_without_services``)."""
     log.warning("database unavailable: %s", unreachable(exc))
     if path == "/readyz":
         return json_response({"status": "unavailable",
@@ -98,7 +96,7 @@ def function_request(handle: Callable[[Services, Request], Response],
     """A request to an HTTP function run by functions-framework, whose services are built on
     first use. Liveness does not wait for them (building them waits seconds for a database
     that does not answer, longer than the probe's timeout)."""
-    if request.method == "GET" and request.path in ("/healthz", "/metrics"):
+    if request.method == "GET" and request.path in WITHOUT_SERVICES:
         return respond_without_services(request.path)
     try:
         svc = services()
@@ -112,7 +110,7 @@ def add_to_flask(app: Any, svc: Callable[[], Services], needs_broker: bool) -> N
     the three GET endpoints."""
     for path in PATHS:
         def view(path: str = path) -> Response:
-            if path in ("/healthz", "/metrics"):
+            if path in WITHOUT_SERVICES:
                 return respond_without_services(path)
             try:
                 built = svc()

@@ -91,7 +91,6 @@ class _Inspectors:
         self._slots = threading.BoundedSemaphore(MAX_INSPECTORS)
         self._idle: list[_Inspector] = []
         self._context: Any = None
-        self._pid = os.getpid()
 
     def inspect(self, media_type: str, path: Path, data_key: bytes, associated_data: bytes,
                 memory_bytes: int, seconds: float) -> tuple[str, Any]:
@@ -117,8 +116,6 @@ class _Inspectors:
 
     def _take(self) -> _Inspector:
         with self._lock:
-            if os.getpid() != self._pid:  # forked: the inspectors are the parent's
-                self._idle, self._context, self._pid = [], None, os.getpid()
             while self._idle:
                 inspector = self._idle.pop()
                 if inspector.process.is_alive():
